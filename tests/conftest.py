@@ -1,0 +1,76 @@
+"""Shared fixtures: composed params and a tiny dataset in the real layout (ellipsoid brains, spherical lesions).
+
+The tiny layout is independent of the demo generator so loader and preprocessing tests stay fast and
+exercise the same code paths as real data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mhd_uad.io import save_nifti
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_SPLITS = Path(os.environ.get("MHD_UAD_FIXTURE_SPLITS", REPO.parent / "shared" / "fixtures" / "original-splits"))
+TEST_SETS = {"Brats21": "t2", "MSLUB": "t2", "ATLAS_v2": "t1", "WMH": "t1"}
+
+
+def _ellipsoid(shape, centre, radii):
+    grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
+
+
+def write_scan(root: Path, rel_dir: str, name: str, modality: str, rng, shape, voxel, lesion: bool,
+               origin=(0.0, 0.0, 0.0)) -> None:
+    centre = np.array(shape) / 2 + rng.uniform(-1, 1, 3)
+    brain = _ellipsoid(shape, centre, np.array(shape) * 0.42)
+    image = (0.6 + 0.1 * rng.standard_normal(shape)).astype(np.float32) * brain
+    seg = np.zeros(shape, dtype=np.uint8)
+    if lesion:
+        seg = (_ellipsoid(shape, centre + rng.uniform(-2, 2, 3), (3.0, 3.0, 3.0)) & brain).astype(np.uint8)
+        image[seg > 0] += 0.5
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = origin
+    base = root / rel_dir
+    save_nifti(base / modality / f"{name}_{modality}.nii.gz", image, affine, dtype=np.float32)
+    save_nifti(base / "mask" / f"{name}_mask.nii.gz", brain.astype(np.uint8), affine, dtype=np.uint8)
+    if lesion:
+        save_nifti(base / "seg" / f"{name}_seg.nii.gz", seg, affine, dtype=np.uint8)
+
+
+def make_tiny_layout(root: Path, n_healthy: int = 8, n_test: int = 3, shape=(40, 44, 36), voxel: float = 4.0,
+                     seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n_healthy):
+        sub_rng = np.random.default_rng([seed, i])
+        for modality in ("t1", "t2"):
+            write_scan(root, "Train/ixi", f"IXI{i:03d}-Tiny-{i:04d}", modality, np.random.default_rng([seed, i]),
+                       shape, voxel, lesion=False)
+        del sub_rng
+    for dataset, modality in TEST_SETS.items():
+        for i in range(n_test):
+            write_scan(root, f"Test/{dataset}", f"{dataset}_case{i:02d}", modality, rng, shape, voxel, lesion=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_tiny_layout(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def demo_params():
+    from mhd_uad.config import compose
+
+    return compose([], REPO)
+
+
+@pytest.fixture(scope="session")
+def fixture_splits() -> Path:
+    if not FIXTURE_SPLITS.is_dir():
+        pytest.skip(f"the authors' split CSVs are not at {FIXTURE_SPLITS} (set MHD_UAD_FIXTURE_SPLITS)")
+    return FIXTURE_SPLITS

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from mhd_uad.data.datamodule import AugmentSettings, IXISliceDataModule, VolumeSliceDataset
+from mhd_uad.data.prepared import PreparedSet, build_prepare_stage
+from mhd_uad.data.preprocess import PrepareSettings
+from mhd_uad.data.splits import SplitSettings, build_splits_stage, read_split_csv
+from mhd_uad.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(tiny_data, demo_params, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dm")
+    settings = SplitSettings.from_params(demo_params)
+    build_splits_stage(tiny_data, root / "splits", settings)
+    build_prepare_stage(root / "splits", tiny_data, root / "prepared", settings,
+                        PrepareSettings.from_params(demo_params), only=["IXI_t1", "IXI_t2"])
+    return root / "prepared", root / "splits", tiny_data
+
+
+def test_batches_hold_random_axial_slices_of_the_folds_volumes(stage_dirs, demo_params):
+    prepared, splits, data = stage_dirs
+    dm = IXISliceDataModule(prepared, splits, data, "t2", fold=0, batch_size=8, slices_per_volume=4,
+                            augment=AugmentSettings.from_params(demo_params))
+    dm.setup()
+    train = read_split_csv(splits / "IXI_train_fold0.csv", data, "t2")
+    ps = PreparedSet.open(prepared / "IXI_t2")
+    assert sorted(dm.train_set.positions) == sorted(ps.positions(train, "x"))
+    batch = next(iter(dm.train_dataloader()))
+    s, x, y = ps.images.shape[1:]
+    assert batch["image"].shape == (8, 1, x, y) and batch["mask"].shape == (8, 1, x, y)
+    assert batch["slice"].min() >= 0 and batch["slice"].max() < s
+    assert torch.isfinite(batch["image"]).all()
+    assert set(batch["volume"].tolist()) <= set(dm.train_set.positions)
+
+
+def test_without_augmentation_slices_equal_the_prepared_arrays(stage_dirs):
+    prepared, _, _ = stage_dirs
+    ps = PreparedSet.open(prepared / "IXI_t1")
+    ds = VolumeSliceDataset(prepared / "IXI_t1", [2, 0], slices_per_volume=3)
+    item = ds[0]
+    for k, s in enumerate(item["slice"].tolist()):
+        np.testing.assert_array_equal(item["image"][k, 0].numpy(), ps.images[2, s])
+        np.testing.assert_array_equal(item["mask"][k, 0].numpy(), ps.masks[2, s])
+
+
+def test_val_items_repeat_exactly_and_train_items_vary(stage_dirs, demo_params):
+    prepared, _, _ = stage_dirs
+    aug = AugmentSettings(1.0, 1.0, 1.0, 1.0)
+    val = VolumeSliceDataset(prepared / "IXI_t1", [0, 1], 2, aug, seeded=True, seed=5)
+    a, b = val[1], val[1]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["slice"], b["slice"])
+    train = VolumeSliceDataset(prepared / "IXI_t1", [0, 1], 2, aug)
+    assert not torch.equal(train[1]["image"], train[1]["image"])
+
+
+def test_batch_size_must_be_a_multiple_of_slices_per_volume(stage_dirs):
+    prepared, splits, data = stage_dirs
+    with pytest.raises(ConfigError, match="multiple of data.slices_per_volume"):
+        IXISliceDataModule(prepared, splits, data, "t1", 0, batch_size=6, slices_per_volume=4)

@@ -1,0 +1,179 @@
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, write_scan
+from mhd_uad.data.prepared import PreparedSet, build_prepare_stage
+from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
+from mhd_uad.data.splits import SplitSettings, build_splits_stage
+from mhd_uad.errors import InputFileError
+from mhd_uad.io import load_nifti, save_nifti
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_data, demo_params, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    settings = SplitSettings.from_params(demo_params)
+    build_splits_stage(tiny_data, root / "splits", settings)
+    build_prepare_stage(root / "splits", tiny_data, root / "prepared", settings,
+                        PrepareSettings.from_params(demo_params))
+    return root / "prepared"
+
+
+def test_prepare_writes_every_set_on_the_profile_grid(prepared, demo_params):
+    names = sorted(p.name for p in prepared.iterdir())
+    assert names == ["ATLAS_v2_t1", "Brats21_t2", "IXI_t1", "IXI_t2", "MSLUB_t2", "WMH_t1"]
+    x, y, z = demo_params.prepare.grid
+    for name in names:
+        ps = PreparedSet.open(prepared / name)
+        assert ps.images.shape == ps.masks.shape == ps.segs.shape == (len(ps), z, x, y)
+        assert ps.images.dtype == np.float32 and ps.masks.dtype == np.uint8
+
+
+def test_intensities_are_clipped_and_scaled_within_the_brain(prepared):
+    ps = PreparedSet.open(prepared / "IXI_t1")
+    for i in range(len(ps)):
+        image, brain = np.asarray(ps.images[i]), np.asarray(ps.masks[i]) > 0
+        inside = image[brain]
+        # [p1, p99] -> [0, 1]; B-spline resampling may over/undershoot a little near edges (method.md §2.3)
+        assert np.percentile(inside, 1) >= -0.05 and np.percentile(inside, 99) <= 1.05
+        assert inside.max() > 0.9 and np.abs(image[~brain]).mean() < 0.02
+
+
+def test_lesions_stay_inside_the_brain_and_healthy_scans_have_none(prepared):
+    for name in ("Brats21_t2", "WMH_t1"):
+        ps = PreparedSet.open(prepared / name)
+        assert (np.asarray(ps.segs) > 0).sum() > 0
+        assert not ((np.asarray(ps.segs) > 0) & (np.asarray(ps.masks) == 0)).any()
+    assert not np.asarray(PreparedSet.open(prepared / "IXI_t2").segs).any()
+
+
+def test_source_geometry_is_kept_for_writing_maps_back(prepared, tiny_data):
+    ps = PreparedSet.open(prepared / "MSLUB_t2")
+    for scan in ps.index["scans"]:
+        data, affine = load_nifti(tiny_data / scan["key"])
+        assert tuple(scan["source_shape"]) == data.shape
+        np.testing.assert_allclose(scan["source_affine"], affine)
+        grid_affine = np.asarray(scan["grid_affine"])
+        np.testing.assert_allclose(np.abs(np.diag(grid_affine)[:3]), 3.0)
+
+
+def test_different_source_grids_give_the_same_model_grid(tmp_path, demo_params):
+    settings = PrepareSettings.from_params(demo_params)
+    rng = np.random.default_rng(0)
+    out = []
+    for shape, voxel in (((60, 70, 50), 2.0), ((120, 130, 100), 1.0)):
+        write_scan(tmp_path / f"v{voxel}", "Test/X", "case", "t1", rng, shape, voxel, lesion=True)
+        base = tmp_path / f"v{voxel}" / "Test" / "X"
+        out.append(preprocess_scan(base / "t1/case_t1.nii.gz", base / "mask/case_mask.nii.gz",
+                                   base / "seg/case_seg.nii.gz", settings))
+    assert out[0].image.shape == out[1].image.shape == (settings.grid[2], settings.grid[0], settings.grid[1])
+    assert out[0].source_shape != out[1].source_shape
+
+
+# ---- bad inputs: one clear error naming the file, nothing half-written ------------------------------------
+
+def _scan(tmp_path):
+    rng = np.random.default_rng(1)
+    write_scan(tmp_path, "Test/X", "case", "t1", rng, (30, 32, 28), 4.0, lesion=True)
+    base = tmp_path / "Test" / "X"
+    return base / "t1/case_t1.nii.gz", base / "mask/case_mask.nii.gz", base / "seg/case_seg.nii.gz"
+
+
+def _expect(tmp_path, demo_params, corrupt, target, match):
+    image, mask, seg = _scan(tmp_path)
+    paths = {"image": image, "mask": mask, "seg": seg}
+    corrupt(paths[target])
+    with pytest.raises(InputFileError, match=match) as err:
+        preprocess_scan(image, mask, seg, PrepareSettings.from_params(demo_params))
+    assert str(paths[target]) in str(err.value)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path):
+    path.write_bytes(b"this is not a nifti file at all" * 20)
+
+
+def _rewrite(path, fn, affine_fn=lambda a: a):
+    data, affine = load_nifti(path)
+    save_nifti(path, fn(data), affine_fn(affine))
+
+
+@pytest.mark.parametrize("target,corrupt,match", [
+    ("image", _truncate, "unreadable or truncated"),
+    ("mask", _garbage, "unreadable or truncated"),
+    ("image", lambda p: p.unlink(), "image file not found"),
+    ("seg", lambda p: p.unlink(), "segmentation file not found"),
+    ("image", lambda p: _rewrite(p, lambda d: np.where(d > 0.7, np.nan, d)), "NaN/inf"),
+    ("image", lambda p: _rewrite(p, lambda d: np.where(d > 0.7, np.inf, d)), "NaN/inf"),
+    ("image", lambda p: _rewrite(p, lambda d: np.stack([d, d], -1)), "must be a 3-D volume"),
+    ("mask", lambda p: _rewrite(p, lambda d: np.zeros_like(d)), "brain mask is empty"),
+    ("mask", lambda p: _rewrite(p, lambda d: d[:-1]), r"brain mask shape \(29, 32, 28\) does not match"),
+    ("seg", lambda p: _rewrite(p, lambda d: d[:, :-2]), "segmentation shape"),
+    ("seg", lambda p: _rewrite(p, lambda d: d, lambda a: a * np.diag([1, 1, 2, 1])), "segmentation affine"),
+    ("mask", lambda p: _rewrite(p, lambda d: d, lambda a: a + np.eye(4)[[3, 3, 3, 3]] * 0), None),
+])
+def test_bad_scans_give_an_error_naming_the_file(tmp_path, demo_params, target, corrupt, match):
+    if match is None:  # an identical affine is fine: the control case
+        image, mask, seg = _scan(tmp_path)
+        corrupt(mask)
+        preprocess_scan(image, mask, seg, PrepareSettings.from_params(demo_params))
+        return
+    _expect(tmp_path, demo_params, corrupt, target, match)
+
+
+def test_gzip_written_nifti_is_deterministic(tmp_path):
+    arr = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    save_nifti(tmp_path / "a.nii.gz", arr, np.eye(4))
+    save_nifti(tmp_path / "b.nii.gz", arr, np.eye(4))
+    assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
+    assert gzip.decompress((tmp_path / "a.nii.gz").read_bytes())[:4] == (348).to_bytes(4, "little")
+
+
+def _run_cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "mhd_uad.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_data):
+    (tmp_path / "conf").symlink_to(REPO / "conf")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(tiny_data, tmp_path / "data")
+    return tmp_path
+
+
+def test_cli_stages_run_and_a_bad_scan_fails_cleanly(workdir):
+    ok = _run_cli(["splits"], workdir)
+    assert ok.returncode == 0, ok.stderr
+    assert (workdir / "artifacts" / "splits" / "IXI_test.csv").is_file()
+    victim = next((workdir / "data" / "Test" / "ATLAS_v2" / "t1").iterdir())
+    _truncate(victim)
+    bad = _run_cli(["prepare"], workdir)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and str(victim.name) in bad.stderr and "truncated" in bad.stderr
+    leftovers = [p for p in (workdir / "artifacts").iterdir() if p.name != "splits"]
+    assert leftovers == [], leftovers  # no prepared folder, no temporary folder
+
+
+def test_cli_rejects_unknown_params_keys_without_traceback(workdir):
+    text = (workdir / "params.yaml").read_text().replace("seed: 3141", "seed: 3141\nsede: 1")
+    (workdir / "params.yaml").write_text(text)
+    bad = _run_cli(["splits"], workdir)
+    assert bad.returncode == 2 and "unknown params keys: sede" in bad.stderr and "Traceback" not in bad.stderr
+    bad = _run_cli(["splits", "prepare.grid=[1,2]"], workdir)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_prepared_index_is_json_and_arrays_load_without_pickle(prepared):
+    index = json.loads((prepared / "WMH_t1" / "index.json").read_text())
+    assert index["format_version"] == 1 and len(index["scans"]) == 3
+    np.load(prepared / "WMH_t1" / "images.npy", allow_pickle=False)
