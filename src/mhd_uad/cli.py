@@ -28,6 +28,10 @@ def _params(args):
     params = load_params(args.overrides)
     SplitSettings.from_params(params)
     PrepareSettings.from_params(params)
+    if getattr(args, "needs_models", False):
+        from mhd_uad.models.factory import validate_model_params
+
+        validate_model_params(params)
     return params
 
 
@@ -68,6 +72,36 @@ def cmd_prepare(args) -> None:
     log.info("prepared %s under %s", ", ".join(p.name for p in sets), artifacts / "prepared")
 
 
+def cmd_pretrain(args) -> None:
+    from mhd_uad.training import run_pretrain
+
+    out = run_pretrain(_params(args), args.modality)
+    log.info("encoder written to %s", out)
+
+
+def cmd_train(args) -> None:
+    from mhd_uad.training import run_train
+
+    out = run_train(_params(args), args.modality, args.fold)
+    log.info("cDDPM checkpoint written to %s", out)
+
+
+def cmd_summary(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mhd_uad.models.factory import parameter_table
+
+    params = _params(args)
+    table = Table(title=f"networks of the `{params.profile_name}` profile "
+                        f"(slices {params.prepare.grid[0]}×{params.prepare.grid[1]})")
+    table.add_column("network")
+    table.add_column("parameters", justify="right")
+    for name, count in parameter_table(params):
+        table.add_row(name, f"{count:,} ({count / 1e6:.2f} M)")
+    Console().print(table)
+
+
 def cmd_params(args) -> None:
     from mhd_uad.config import PARAMS_FILE, composed_yaml
     from mhd_uad.io import atomic_write_text
@@ -105,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_splits)
     with_overrides(sub.add_parser("prepare", help="stage: preprocessed arrays under artifacts/prepared")
                    ).set_defaults(func=cmd_prepare)
+    for name, helptext, func in (("pretrain", "stage: SparK-pretrain the encoder -> models/<M>/encoder.pt",
+                                  cmd_pretrain),
+                                 ("train", "stage: train the cDDPM -> models/<M>/fold<K>/cddpm.ckpt", cmd_train)):
+        p = with_overrides(sub.add_parser(name, help=helptext))
+        p.add_argument("--modality", required=True, choices=["t1", "t2"])
+        if name == "train":
+            p.add_argument("--fold", required=True, type=int)
+        p.set_defaults(func=func, needs_models=True)
+    with_overrides(sub.add_parser("summary", help="print each network of the profile with its parameter count")
+                   ).set_defaults(func=cmd_summary, needs_models=True)
     with_overrides(sub.add_parser("params", help="compose conf/ (with overrides) into params.yaml")
                    ).set_defaults(func=cmd_params)
     return parser

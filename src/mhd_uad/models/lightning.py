@@ -1,0 +1,79 @@
+"""Thin Lightning wrappers around the pure-torch cDDPM and SparK modules: steps, logging, optimisers."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+
+VAL_SEED = 20240101  # val batches draw t and noise from a fixed generator: epochs compare like with like
+
+
+class _SliceModule(pl.LightningModule):
+    def _val_generator(self, batch_idx: int) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(VAL_SEED + batch_idx)
+
+
+class CDDPMModule(_SliceModule):
+    """x0-prediction L1 training of the cDDPM (method.md §3.1, §3.5); the encoder trains jointly."""
+
+    def __init__(self, model, optimizer: str = "adam", lr: float = 1e-4, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", warmup_steps: int = 0, total_steps: int | None = None):
+        super().__init__()
+        self.model = model
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.lr_schedule, self.warmup_steps, self.total_steps = lr_schedule, warmup_steps, total_steps
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self.model.training_loss(batch["image"])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, _ = self.model.training_loss(batch["image"], generator=self._val_generator(batch_idx))
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
+        opt = cls(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return opt
+        warm, total = max(0, self.warmup_steps), max(1, self.total_steps or 1)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if self.lr_schedule == "cosine":
+                progress = min(1.0, (step - warm) / max(1, total - warm))
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class SparKModule(_SliceModule):
+    """SparK masked pretraining of the encoder (method.md §3.6): AdamW 1e-4, wd 0.05, betas (0.9, 0.95)."""
+
+    def __init__(self, pretrainer, lr: float = 1e-4, weight_decay: float = 0.05, betas=(0.9, 0.95)):
+        super().__init__()
+        self.pretrainer = pretrainer
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+
+    def training_step(self, batch, batch_idx):
+        loss, _, _ = self.pretrainer(batch["image"])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, _, _ = self.pretrainer(batch["image"], generator=self._val_generator(batch_idx))
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        from mhd_uad.models.spark import spark_optimizer
+
+        return spark_optimizer(self.pretrainer.pretraining_parameters(), lr=self.lr,
+                               weight_decay=self.weight_decay, betas=self.betas)

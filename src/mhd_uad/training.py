@@ -1,0 +1,304 @@
+"""The `pretrain` and `train` stages: Lightning fits with resume, MLflow tracking and lean checkpoints.
+
+DVC deletes a stage's outs before running it, so the resume state lives outside them, in
+`artifacts/resume/<stage>/` (Lightning's last and best checkpoints, the loss curves so far, the MLflow run
+id, and a fingerprint of everything the fit depends on). A re-run with the same fingerprint continues
+from `last.ckpt`; a different fingerprint starts over. On success the best checkpoint (lowest val loss,
+as the original) is written as a lean file of tensors and plain metadata that loads with
+`torch.load(weights_only=True)`, and the resume state is removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from mhd_uad.config import to_plain
+from mhd_uad.errors import ConfigError, InputFileError
+from mhd_uad.io import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CDDPM_FORMAT = "mhd-uad/cddpm"
+ENCODER_FORMAT = "mhd-uad/encoder"
+CHECKPOINT_VERSION = 1
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+def save_checkpoint(path: str | Path, fmt: str, meta: dict, state_dict: dict | None) -> Path:
+    payload = {"format": fmt, "version": CHECKPOINT_VERSION, "meta": meta,
+               "state_dict": {k: v.detach().cpu().contiguous() for k, v in (state_dict or {}).items()}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, fmt: str, *, what: str = "checkpoint") -> dict:
+    """Load a lean checkpoint with weights_only=True (no arbitrary pickle) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{what} not found", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or non-weights files
+        raise InputFileError(f"unreadable {what} ({type(exc).__name__}: {str(exc).splitlines()[0]})", path) from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise InputFileError(f"not an mhd-uad {what} (format {found!r}, expected {fmt!r})", path)
+    return payload
+
+
+def check_spec(path: Path, meta: dict, expected: dict, modality: str, what: str) -> None:
+    """A checkpoint from another profile, modality or network shape is refused before any training."""
+    if meta.get("modality") != modality:
+        raise ConfigError(f"{what} was trained on {meta.get('modality')!r}, not {modality!r}", path)
+    got = meta.get("spec", {})
+    if got.get("profile") != expected.get("profile"):
+        raise ConfigError(f"{what} comes from profile {got.get('profile')!r}, params select "
+                          f"{expected.get('profile')!r}", path)
+    diff = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+    if diff:
+        raise ConfigError(f"{what} does not match the params ({', '.join(diff)} differ): re-run its stage", path)
+
+
+# ---- shared fit machinery ------------------------------------------------------------------------------
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class LossCurves:
+    """Lightning callback: train loss per logged step and val loss per validation, as CSV for `dvc plots`."""
+
+    def __new__(cls, folder: Path):
+        import lightning.pytorch as pl
+
+        class _LossCurves(pl.Callback):
+            def __init__(self, folder: Path):
+                self.folder = folder
+                folder.mkdir(parents=True, exist_ok=True)
+
+            def _append(self, name: str, step: int, value: float) -> None:
+                path = self.folder / f"{name}.csv"
+                new = not path.exists()
+                with path.open("a", newline="") as fh:
+                    writer = csv.writer(fh)
+                    if new:
+                        writer.writerow(["step", "loss"])
+                    writer.writerow([step, f"{value:.6g}"])
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+                    value = trainer.callback_metrics.get("train/loss")
+                    if value is not None:
+                        self._append("train", trainer.global_step, float(value))
+
+            def on_validation_epoch_end(self, trainer, module):
+                value = trainer.callback_metrics.get("val/loss")
+                if value is not None and not trainer.sanity_checking:
+                    self._append("val", trainer.global_step, float(value))
+
+        return _LossCurves(folder)
+
+
+def _trainer_kwargs(params, max_steps: int, max_epochs: int) -> dict:
+    t = params.trainer
+    return {
+        "accelerator": str(t.accelerator), "devices": t.devices, "num_nodes": int(t.num_nodes),
+        "strategy": str(t.strategy), "precision": str(t.precision), "deterministic": bool(t.deterministic),
+        "benchmark": bool(t.benchmark), "log_every_n_steps": int(t.log_every_n_steps),
+        "max_steps": int(max_steps), "max_epochs": int(max_epochs) if int(max_epochs) > 0 else -1,
+        "check_val_every_n_epoch": int(params.train.val_every_n_epochs),
+        "num_sanity_val_steps": 0, "enable_model_summary": False,
+        "gradient_clip_val": float(params.train.gradient_clip_val) or None,
+    }
+
+
+def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, max_steps: int,
+        max_epochs: int, depends_on: list) -> tuple[Path, dict]:
+    """Fit with resume; returns the best Lightning checkpoint path and a summary of the fit."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mhd_uad.tracking import lightning_logger
+
+    resume = root / "artifacts" / "resume" / stage.replace("@", "_")
+    key = fingerprint(to_plain(params), depends_on)
+    state_file = resume / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state.get("fingerprint") != key:
+        if resume.exists():
+            log.info("%s: params or inputs changed since the interrupted run: starting over", stage)
+        shutil.rmtree(resume, ignore_errors=True)
+        state = {"fingerprint": key}
+    resume.mkdir(parents=True, exist_ok=True)
+    last = resume / "last.ckpt"
+    ckpt_path = str(last) if last.is_file() else None
+    if ckpt_path:
+        log.info("%s: resuming from %s", stage, last)
+
+    logger = lightning_logger(stage, stage, to_plain(params)) if state.get("mlflow_run_id") is None else None
+    if logger is None:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        from mhd_uad.tracking import EXPERIMENT, tracking_uri
+        logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=tracking_uri(),
+                              run_id=state["mlflow_run_id"])
+    state["mlflow_run_id"] = logger.run_id
+    atomic_write_text(state_file, json.dumps(state))
+
+    best = ModelCheckpoint(dirpath=resume, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                           save_last=True, enable_version_counter=False)
+    trainer = pl.Trainer(logger=logger, callbacks=[best, LossCurves(resume / "curves")],
+                         default_root_dir=str(resume), **_trainer_kwargs(params, max_steps, max_epochs))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    best_path = Path(best.best_model_path) if best.best_model_path else last
+    if not best_path.is_file():
+        raise ConfigError(f"{stage}: no checkpoint was written (no validation ran: check max_steps/max_epochs "
+                          "and train.val_every_n_epochs)")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "val"):
+        src = resume / "curves" / f"{name}.csv"
+        if src.is_file():
+            shutil.copyfile(src, plots_dir / f"{name}.csv")
+    summary = {"best_val_loss": float(best.best_model_score) if best.best_model_score is not None else None,
+               "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+               "mlflow_run_id": logger.run_id}
+    return best_path, summary
+
+
+def finish(stage: str, root: Path, logger_run_id: str, out: Path) -> None:
+    """Record the output in MLflow and drop the resume state (the stage is complete)."""
+    from mlflow.tracking import MlflowClient
+
+    from mhd_uad.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    client.set_tag(logger_run_id, "checkpoint", str(out.resolve()))
+    client.log_param(logger_run_id, "checkpoint_path", str(out))
+    shutil.rmtree(root / "artifacts" / "resume" / stage.replace("@", "_"), ignore_errors=True)
+
+
+def _lightning_state(best_path: Path, prefix: str) -> dict:
+    ckpt = torch.load(best_path, map_location="cpu", weights_only=False)  # our own Lightning file
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
+def _seed(params, offset: int) -> None:
+    import lightning.pytorch as pl
+
+    pl.seed_everything(int(params.seed) + offset, workers=True, verbose=False)
+
+
+def _datamodule(params, modality: str, fold: int, batch_size: int, augment: bool):
+    from mhd_uad.data.datamodule import AugmentSettings, IXISliceDataModule
+
+    artifacts = Path(params.paths.artifacts)
+    return IXISliceDataModule(
+        artifacts / "prepared", artifacts / "splits", params.paths.data, modality, fold, batch_size,
+        int(params.data.slices_per_volume), int(params.data.num_workers),
+        AugmentSettings.from_params(params) if augment else None, seed=int(params.seed),
+    )
+
+
+# ---- stages --------------------------------------------------------------------------------------------
+
+def run_pretrain(params, modality: str, root: str | Path = ".") -> Path:
+    """SparK-pretrain the encoder on IXI fold 0 (no augmentation) -> models/<modality>/encoder.pt.
+
+    With `pretrain.enabled: false` the file records that the cDDPM trains its encoder from scratch.
+    """
+    from mhd_uad.models.factory import build_spark, encoder_spec
+    from mhd_uad.models.lightning import SparKModule
+
+    root = Path(root)
+    out = root / "models" / modality / "encoder.pt"
+    meta = {"modality": modality, "spec": encoder_spec(params), "pretrained": bool(params.pretrain.enabled)}
+    if not params.pretrain.enabled:
+        return save_checkpoint(out, ENCODER_FORMAT, meta, None)
+    _seed(params, 0)
+    p = params.pretrain
+    module = SparKModule(build_spark(params), lr=float(p.lr), weight_decay=float(p.weight_decay), betas=list(p.betas))
+    stage = f"pretrain@{modality}"
+    best, summary = fit(stage, module, _datamodule(params, modality, 0, int(p.batch_size), augment=False), params,
+                        root=root, plots_dir=root / "plots" / "pretrain" / modality,
+                        max_steps=int(p.max_steps), max_epochs=int(p.max_epochs), depends_on=[modality])
+    state = _lightning_state(best, "pretrainer.encoder.")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the FC head is not transferred
+    save_checkpoint(out, ENCODER_FORMAT, {**meta, **summary}, state)
+    finish(stage, root, summary["mlflow_run_id"], out)
+    return out
+
+
+def load_encoder_for(params, modality: str, root: Path):
+    """A fresh encoder for the cDDPM, with SparK weights when the pretrain stage made them."""
+    from mhd_uad.models.factory import build_encoder, encoder_spec
+    from mhd_uad.models.spark import load_pretrained_encoder
+
+    path = root / "models" / modality / "encoder.pt"
+    payload = load_checkpoint(path, ENCODER_FORMAT, what="encoder checkpoint")
+    check_spec(path, payload["meta"], encoder_spec(params), modality, "encoder checkpoint")
+    encoder = build_encoder(params)
+    if payload["meta"].get("pretrained") and bool(params.pretrain.enabled):
+        try:
+            load_pretrained_encoder(encoder, payload["state_dict"])
+        except ConfigError as exc:
+            raise ConfigError(f"encoder checkpoint does not fit the params' encoder: {exc}", path) from None
+    elif bool(params.pretrain.enabled) != bool(payload["meta"].get("pretrained")):
+        raise ConfigError("encoder checkpoint was made with pretraining "
+                          f"{'on' if payload['meta'].get('pretrained') else 'off'}, params say "
+                          f"{'on' if params.pretrain.enabled else 'off'}: re-run the pretrain stage", path)
+    return encoder
+
+
+def run_train(params, modality: str, fold: int, root: str | Path = ".") -> Path:
+    """Train the cDDPM on IXI fold `fold` -> models/<modality>/fold<fold>/cddpm.ckpt (best val loss)."""
+    from mhd_uad.models.factory import build_cddpm, model_spec
+    from mhd_uad.models.lightning import CDDPMModule
+
+    root = Path(root)
+    if fold not in [int(f) for f in params.train.folds] or fold >= int(params.splits.num_folds):
+        raise ConfigError(f"fold {fold} is not among train.folds {list(params.train.folds)} "
+                          f"(splits.num_folds = {params.splits.num_folds})", "params.yaml")
+    encoder = load_encoder_for(params, modality, root)
+    _seed(params, 1 + fold)
+    t = params.train
+    max_steps = int(t.max_steps)
+    module = CDDPMModule(build_cddpm(params, encoder=encoder), optimizer=str(t.optimizer), lr=float(t.lr),
+                         weight_decay=float(t.weight_decay), lr_schedule=str(t.lr_schedule),
+                         warmup_steps=int(t.warmup_steps), total_steps=max_steps if max_steps > 0 else None)
+    stage = f"train@{modality}-fold{fold}"
+    encoder_file = root / "models" / modality / "encoder.pt"
+    best, summary = fit(stage, module, _datamodule(params, modality, fold, int(t.batch_size), augment=True),
+                        params, root=root, plots_dir=root / "plots" / "train" / f"{modality}-fold{fold}",
+                        max_steps=max_steps, max_epochs=int(t.max_epochs),
+                        depends_on=[modality, fold, hashlib.sha256(encoder_file.read_bytes()).hexdigest()])
+    out = root / "models" / modality / f"fold{fold}" / "cddpm.ckpt"
+    meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **summary}
+    save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, "model."))
+    finish(stage, root, summary["mlflow_run_id"], out)
+    return out
+
+
+def load_cddpm(params, path: str | Path, modality: str):
+    """The trained cDDPM of a checkpoint, checked against the params and modality, in eval mode."""
+    from mhd_uad.models.factory import build_cddpm, model_spec
+
+    path = Path(path)
+    payload = load_checkpoint(path, CDDPM_FORMAT, what="cDDPM checkpoint")
+    check_spec(path, payload["meta"], model_spec(params), modality, "cDDPM checkpoint")
+    model = build_cddpm(params)
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"cDDPM checkpoint does not fit the network ({len(missing)} missing, "
+                          f"{len(unexpected)} unexpected tensors)", path)
+    return model.eval(), payload["meta"]
