@@ -27,6 +27,7 @@ data: | $(STAMP)
 demo: $(STAMP) ## generate the demo data when absent, then run the whole DVC pipeline
 	@test -d data || $(BIN)/mhd-uad demo-data --out data --seed 0
 	$(BIN)/dvc repro
+	$(BIN)/mhd-uad report --readme README.md
 	$(BIN)/dvc status
 
 test: $(STAMP) ## lint, unit tests and the end-to-end pipeline test (what CI runs)

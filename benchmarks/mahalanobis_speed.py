@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }
-    print(f"P = {p} (full {args.size}×{args.size} mask), N = {args.n}, ridge = {args.ridge}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"P = {p} (full {args.size}×{args.size} mask), N = {args.n}, ridge = {args.ridge}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     dense_s, dense_map = timed(
         lambda: dense_pixelwise_mahalanobis(
@@ -101,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     batch_s, batch_map = timed(lambda: pixelwise_mahalanobis(x, recos, ridge=args.ridge), args.repeats)
     per_slice_batched = batch_s / args.slices
     print(f"low-rank, one slice              : {single_s * 1e3:10.3f} ms")
-    print(f"low-rank, {args.slices} slices batched        : {batch_s * 1e3:10.3f} ms "
-          f"({per_slice_batched * 1e3:.3f} ms per slice)")
+    print(
+        f"low-rank, {args.slices} slices batched        : {batch_s * 1e3:10.3f} ms "
+        f"({per_slice_batched * 1e3:.3f} ms per slice)"
+    )
     print(f"speed-up per slice (one slice)   : {dense_s / single_s:10.0f}×")
     print(f"speed-up per slice (batched)     : {dense_s / per_slice_batched:10.0f}×")
 
@@ -130,14 +134,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.exact_check:
         exact_s, exact = timed(
-            lambda: dense_pixelwise_mahalanobis(x0, r0, ridge=args.ridge, dtype=torch.float64, method="solve"),
+            lambda: dense_pixelwise_mahalanobis(
+                x0, r0, ridge=args.ridge, dtype=torch.float64, method="solve"
+            ),
             repeats=1,
             warmup=0,
         )
         exact = np.asarray(exact, dtype=np.float64)
         err_fast = float(np.abs(fast_map - exact).max() / exact.max())
         err_dense32 = float(np.abs(dense_map - exact).max() / exact.max())
-        print(f"vs float64 dense solve ({exact_s:.1f} s): low-rank {err_fast:.3e}, dense fp32 {err_dense32:.3e}")
+        print(
+            f"vs float64 dense solve ({exact_s:.1f} s): low-rank {err_fast:.3e}, dense fp32 {err_dense32:.3e}"
+        )
         results.update(lowrank_vs_float64=err_fast, dense32_vs_float64=err_dense32)
 
     mask = np.ones(x.shape, dtype=np.float32)

@@ -30,8 +30,10 @@ def _params(args):
     PrepareSettings.from_params(params)
     if getattr(args, "needs_models", False):
         from mhd_uad.models.factory import validate_model_params
+        from mhd_uad.scoring.pipeline import MhdSettings
 
         validate_model_params(params)
+        MhdSettings.from_params(params)
     return params
 
 
@@ -84,6 +86,24 @@ def cmd_train(args) -> None:
 
     out = run_train(_params(args), args.modality, args.fold)
     log.info("cDDPM checkpoint written to %s", out)
+
+
+def cmd_evaluate(args) -> None:
+    from mhd_uad.evaluation.evaluate import run_evaluate
+
+    out = run_evaluate(_params(args), args.dataset)
+    log.info("metrics written to %s", out)
+
+
+def cmd_report(args) -> None:
+    from mhd_uad.evaluation.report import update_readme, write_report
+
+    params = _params(args)
+    out = write_report("metrics", list(params.datasets), str(params.profile_name), "reports")
+    log.info("summary written to %s and metrics/summary.json", out)
+    if args.readme:
+        changed = update_readme(args.readme, out)
+        log.info("%s results block %s", args.readme, "updated" if changed else "already current")
 
 
 def cmd_summary(args) -> None:
@@ -147,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--fold", required=True, type=int)
         p.set_defaults(func=func, needs_models=True)
+    p = with_overrides(sub.add_parser("evaluate", help="stage: score a test set with every fold -> metrics/<set>.json"))
+    p.add_argument("--dataset", required=True)
+    p.set_defaults(func=cmd_evaluate, needs_models=True)
+    p = with_overrides(sub.add_parser("report", help="stage: metrics/summary.json and reports/summary.md"))
+    p.add_argument("--readme", default=None, help="also rewrite this README's results block")
+    p.set_defaults(func=cmd_report)
     with_overrides(sub.add_parser("summary", help="print each network of the profile with its parameter count")
                    ).set_defaults(func=cmd_summary, needs_models=True)
     with_overrides(sub.add_parser("params", help="compose conf/ (with overrides) into params.yaml")

@@ -122,7 +122,7 @@ def _trainer_kwargs(params, max_steps: int, max_epochs: int) -> dict:
 
 
 def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, max_steps: int,
-        max_epochs: int, depends_on: list) -> tuple[Path, dict]:
+        max_epochs: int, depends_on: list, callbacks=()) -> tuple[Path, dict]:
     """Fit with resume; returns the best Lightning checkpoint path and a summary of the fit."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -156,9 +156,14 @@ def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, 
 
     best = ModelCheckpoint(dirpath=resume, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            save_last=True, enable_version_counter=False)
-    trainer = pl.Trainer(logger=logger, callbacks=[best, LossCurves(resume / "curves")],
+    trainer = pl.Trainer(logger=logger, callbacks=[best, LossCurves(resume / "curves"), *callbacks],
                          default_root_dir=str(resume), **_trainer_kwargs(params, max_steps, max_epochs))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit:  # Lightning turns Ctrl-C into SystemExit after its graceful shutdown
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     if trainer.interrupted:
         raise KeyboardInterrupt
     best_path = Path(best.best_model_path) if best.best_model_path else last
@@ -212,7 +217,7 @@ def _datamodule(params, modality: str, fold: int, batch_size: int, augment: bool
 
 # ---- stages --------------------------------------------------------------------------------------------
 
-def run_pretrain(params, modality: str, root: str | Path = ".") -> Path:
+def run_pretrain(params, modality: str, root: str | Path = ".", callbacks=()) -> Path:
     """SparK-pretrain the encoder on IXI fold 0 (no augmentation) -> models/<modality>/encoder.pt.
 
     With `pretrain.enabled: false` the file records that the cDDPM trains its encoder from scratch.
@@ -231,7 +236,8 @@ def run_pretrain(params, modality: str, root: str | Path = ".") -> Path:
     stage = f"pretrain@{modality}"
     best, summary = fit(stage, module, _datamodule(params, modality, 0, int(p.batch_size), augment=False), params,
                         root=root, plots_dir=root / "plots" / "pretrain" / modality,
-                        max_steps=int(p.max_steps), max_epochs=int(p.max_epochs), depends_on=[modality])
+                        max_steps=int(p.max_steps), max_epochs=int(p.max_epochs), depends_on=[modality],
+                        callbacks=callbacks)
     state = _lightning_state(best, "pretrainer.encoder.")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the FC head is not transferred
     save_checkpoint(out, ENCODER_FORMAT, {**meta, **summary}, state)
@@ -260,7 +266,7 @@ def load_encoder_for(params, modality: str, root: Path):
     return encoder
 
 
-def run_train(params, modality: str, fold: int, root: str | Path = ".") -> Path:
+def run_train(params, modality: str, fold: int, root: str | Path = ".", callbacks=()) -> Path:
     """Train the cDDPM on IXI fold `fold` -> models/<modality>/fold<fold>/cddpm.ckpt (best val loss)."""
     from mhd_uad.models.factory import build_cddpm, model_spec
     from mhd_uad.models.lightning import CDDPMModule
@@ -281,7 +287,8 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".") -> Path:
     best, summary = fit(stage, module, _datamodule(params, modality, fold, int(t.batch_size), augment=True),
                         params, root=root, plots_dir=root / "plots" / "train" / f"{modality}-fold{fold}",
                         max_steps=max_steps, max_epochs=int(t.max_epochs),
-                        depends_on=[modality, fold, hashlib.sha256(encoder_file.read_bytes()).hexdigest()])
+                        depends_on=[modality, fold, hashlib.sha256(encoder_file.read_bytes()).hexdigest()],
+                        callbacks=callbacks)
     out = root / "models" / modality / f"fold{fold}" / "cddpm.ckpt"
     meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **summary}
     save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, "model."))

@@ -149,3 +149,18 @@ def preprocess_scan(
         grid_affine=np.asarray(subject["image"].affine, dtype=np.float64),
         source_affine=affine, source_shape=tuple(int(s) for s in image.shape),
     )
+
+
+def to_source_space(volume_shw: np.ndarray, grid_affine: np.ndarray, source_shape, source_affine) -> np.ndarray:
+    """A map on the model grid ([S, H, W]) resampled (trilinear) into a scan's own grid and affine."""
+    import torch
+    import torchio as tio
+
+    image = tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(from_slices(volume_shw),
+                                                                         dtype=np.float32))[None],
+                            affine=np.asarray(grid_affine, dtype=np.float64))
+    target = (tuple(int(s) for s in source_shape), np.asarray(source_affine, dtype=np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = tio.Resample(target, image_interpolation="linear")(image)
+    return out.data[0].numpy().astype(np.float32)

@@ -213,6 +213,6 @@ def diagonal_mahalanobis(image: Any, reconstructions: Any, mask: Any = None, rid
     """
     x, r, omega, squeeze, as_numpy = _prepare(image, reconstructions, mask, ridge)
     mu = r.mean(dim=0)
-    var = r.var(dim=0, correction=1)
+    var = (r - mu).square().sum(dim=0) / (r.shape[0] - 1)  # unbiased, N − 1
     m = (x - mu).abs() / torch.sqrt(var + ridge)
     return _finish(m * omega, squeeze, as_numpy)
