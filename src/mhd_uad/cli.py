@@ -106,6 +106,15 @@ def cmd_report(args) -> None:
         log.info("%s results block %s", args.readme, "updated" if changed else "already current")
 
 
+def cmd_score(args) -> None:
+    from mhd_uad.scoring.score import score_scan
+
+    result = score_scan(_params(args), args.scan, args.mask, args.out, modality=args.modality,
+                        checkpoints=args.checkpoint, threshold=args.threshold, out_mask=args.out_mask)
+    log.info("anomaly map written to %s (max %.3g)%s", result["map"], result["max_score"],
+             f"; lesion mask {result['out_mask']} with {result['lesion_voxels']} voxels" if args.out_mask else "")
+
+
 def cmd_summary(args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -173,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_overrides(sub.add_parser("report", help="stage: metrics/summary.json and reports/summary.md"))
     p.add_argument("--readme", default=None, help="also rewrite this README's results block")
     p.set_defaults(func=cmd_report)
+    p = with_overrides(sub.add_parser("score", help="anomaly map of a new skull-stripped, atlas-space scan"))
+    p.add_argument("scan", help="the scan (NIfTI)")
+    p.add_argument("--mask", required=True, help="its brain mask (NIfTI, same grid)")
+    p.add_argument("--out", required=True, help="output map (NIfTI, in the scan's grid and affine)")
+    p.add_argument("--modality", choices=["t1", "t2"], default=None)
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="cDDPM checkpoint(s) to use (default: the repository's folds for the modality)")
+    p.add_argument("--threshold", type=float, default=None, help="write voxels with map > T as a lesion mask")
+    p.add_argument("--out-mask", default=None, help="output lesion mask (NIfTI, uint8)")
+    p.set_defaults(func=cmd_score, needs_models=True)
     with_overrides(sub.add_parser("summary", help="print each network of the profile with its parameter count")
                    ).set_defaults(func=cmd_summary, needs_models=True)
     with_overrides(sub.add_parser("params", help="compose conf/ (with overrides) into params.yaml")
@@ -181,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options that take values (`score SCAN --out X key=value`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -151,8 +151,12 @@ def preprocess_scan(
     )
 
 
-def to_source_space(volume_shw: np.ndarray, grid_affine: np.ndarray, source_shape, source_affine) -> np.ndarray:
-    """A map on the model grid ([S, H, W]) resampled (trilinear) into a scan's own grid and affine."""
+def to_source_space(volume_shw: np.ndarray, grid_affine: np.ndarray, source_shape, source_affine,
+                    source_mask: np.ndarray | None = None) -> np.ndarray:
+    """A map on the model grid ([S, H, W]) resampled (trilinear) into a scan's own grid and affine.
+
+    With `source_mask` the result is zeroed outside the scan's own brain mask (interpolation would
+    otherwise spread the map a voxel past the brain's edge)."""
     import torch
     import torchio as tio
 
@@ -163,4 +167,7 @@ def to_source_space(volume_shw: np.ndarray, grid_affine: np.ndarray, source_shap
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = tio.Resample(target, image_interpolation="linear")(image)
-    return out.data[0].numpy().astype(np.float32)
+    result = out.data[0].numpy().astype(np.float32)
+    if source_mask is not None:
+        result *= np.asarray(source_mask) > 0
+    return result

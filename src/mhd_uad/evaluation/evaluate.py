@@ -75,9 +75,11 @@ def _device(params):
     return torch.device("cpu")
 
 
-def _split_positions(ps: PreparedSet, params, dataset: str, part: str, modality: str) -> list[int]:
+def _split(ps: PreparedSet, params, dataset: str, part: str, modality: str):
+    """The split's rows and their positions in the prepared set."""
     csv_path = Path(params.paths.artifacts) / "splits" / f"{dataset}_{part}.csv"
-    return ps.positions(read_split_csv(csv_path, params.paths.data, modality), csv_path)
+    frame = read_split_csv(csv_path, params.paths.data, modality)
+    return frame, ps.positions(frame, csv_path)
 
 
 def _lesion_slice(seg: np.ndarray) -> int:
@@ -145,7 +147,7 @@ def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
     import torch
 
     from mhd_uad.data.preprocess import to_source_space
-    from mhd_uad.io import save_nifti
+    from mhd_uad.io import load_nifti, save_nifti
     from mhd_uad.tracking import flatten, run_tags, tracking_uri
     from mhd_uad.training import load_cddpm
 
@@ -156,8 +158,8 @@ def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
     modality = str(params.datasets[dataset].modality)
     folds = [int(f) for f in params.train.folds]
     ps = PreparedSet.open(Path(params.paths.artifacts) / "prepared" / prepared_name(dataset, modality))
-    val_pos = _split_positions(ps, params, dataset, "val", modality)
-    test_pos = _split_positions(ps, params, dataset, "test", modality)
+    _, val_pos = _split(ps, params, dataset, "val", modality)
+    test_frame, test_pos = _split(ps, params, dataset, "test", modality)
     device = _device(params)
     scorers = settings.scorers
     e = params.evaluate
@@ -250,10 +252,10 @@ def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
 
         if e.write_maps:
             with replace_dir(maps_dir) as maps_tmp:
-                for i, pos in enumerate(test_pos):
+                for i, (pos, mask_path) in enumerate(zip(test_pos, test_frame["mask_path"], strict=True)):
                     scan = ps.index["scans"][pos]
                     amap = to_source_space(np.asarray(fold_mean[i]), scan["grid_affine"], scan["source_shape"],
-                                           scan["source_affine"])
+                                           scan["source_affine"], load_nifti(mask_path, what="brain mask")[0])
                     save_nifti(maps_tmp / f"{ps.names[pos]}_mhd.nii.gz", amap, scan["source_affine"],
                                dtype=np.float32)
         del fold_mean
