@@ -42,7 +42,13 @@ def _scans(data: Path, rel_dir: str, contrast: str) -> list[tuple[Path, Path, Pa
     out = []
     for img in sorted(folder.glob(f"*_{contrast}.nii.gz")):
         name = img.name[: -len(f"_{contrast}.nii.gz")]
-        out.append((img, data / rel_dir / "mask" / f"{name}_mask.nii.gz", data / rel_dir / "seg" / f"{name}_seg.nii.gz"))
+        out.append(
+            (
+                img,
+                data / rel_dir / "mask" / f"{name}_mask.nii.gz",
+                data / rel_dir / "seg" / f"{name}_seg.nii.gz",
+            )
+        )
     return out
 
 
@@ -87,19 +93,25 @@ def evaluate(data: Path) -> dict:
 
 
 def print_report(results: dict) -> None:
-    print(f"{'set':<10} {'contrast':<8} {'n':>3} {'Thresh AP %':>12} {'median':>8} {'paper %':>8} "
-          f"{'ratio':>6}  {'mean-intensity AUROC':>20}")
+    print(
+        f"{'set':<10} {'contrast':<8} {'n':>3} {'Thresh AP %':>12} {'median':>8} {'paper %':>8} "
+        f"{'ratio':>6}  {'mean-intensity AUROC':>20}"
+    )
     for name, r in results["sets"].items():
         ratio = r["ap_percent"] / r["paper_percent"]
         flag = "" if 0.5 <= ratio <= 2.0 else "  <- outside x2"
-        print(f"{name:<10} {r['contrast']:<8} {r['n']:>3} {r['ap_percent']:>12.2f} {r['ap_percent_median']:>8.2f} "
-              f"{r['paper_percent']:>8.2f} {ratio:>6.2f}  {r['mean_intensity_auroc']:>20.3f}{flag}")
+        print(
+            f"{name:<10} {r['contrast']:<8} {r['n']:>3} {r['ap_percent']:>12.2f} {r['ap_percent_median']:>8.2f} "
+            f"{r['paper_percent']:>8.2f} {ratio:>6.2f}  {r['mean_intensity_auroc']:>20.3f}{flag}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="demo data root (Train/, Test/)")
-    parser.add_argument("--generate", action="store_true", help="generate a dataset into a temporary directory first")
+    parser.add_argument(
+        "--generate", action="store_true", help="generate a dataset into a temporary directory first"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-healthy", type=int, default=40)
     parser.add_argument("--n-per-test-set", type=int, default=12)
@@ -116,13 +128,22 @@ def main(argv: list[str] | None = None) -> int:
 
                 data = args.data or Path(tmp) / "data"
                 started = time.perf_counter()
-                summary = generate_demo_dataset(data, seed=args.seed, n_healthy=args.n_healthy,
-                                                n_per_test_set=args.n_per_test_set, voxel_size=args.voxel_size,
-                                                workers=args.workers)
-                print(f"generated {sum(summary['counts'].values())} scans (seed {args.seed}, "
-                      f"{args.voxel_size} mm, {args.workers} worker(s)) in {time.perf_counter() - started:.1f} s")
+                summary = generate_demo_dataset(
+                    data,
+                    seed=args.seed,
+                    n_healthy=args.n_healthy,
+                    n_per_test_set=args.n_per_test_set,
+                    voxel_size=args.voxel_size,
+                    workers=args.workers,
+                )
+                print(
+                    f"generated {sum(summary['counts'].values())} scans (seed {args.seed}, "
+                    f"{args.voxel_size} mm, {args.workers} worker(s)) in {time.perf_counter() - started:.1f} s"
+                )
                 for name, vol in summary["lesion_volume_ml"].items():
-                    print(f"  {name:<10} lesion mL min/median/max {vol['min']:.2f} / {vol['median']:.2f} / {vol['max']:.2f}")
+                    print(
+                        f"  {name:<10} lesion mL min/median/max {vol['min']:.2f} / {vol['median']:.2f} / {vol['max']:.2f}"
+                    )
             elif not data.is_dir():
                 raise MhdUadError("demo data directory not found", data)
             print_report(evaluate(data))

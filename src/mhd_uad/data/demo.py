@@ -1,6 +1,6 @@
 """Offline demo dataset: realistic synthetic brain MRI with lesions, made from a real template anatomy.
 
-Recipe: /work/shared/design/demo-data.md (§4). Per subject, the template T1 and its GM/WM/CSF probability
+Recipe: design/demo-data.md §4. Per subject, the template T1 and its GM/WM/CSF probability
 maps are warped (affine + smooth elastic + atrophy, one backward map), tissue and sequence parameters are
 jittered, healthy distractors are added, lesions (if any) edit the tissue model inside soft fraction maps,
 T1 is the real template T1 times the model ratio and T2 is rendered from the tissue model with the
@@ -28,12 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
+from scipy.special import ndtri
 
 from mhd_uad.errors import InputFileError, MhdUadError
 from mhd_uad.io import atomic_write_text, load_nifti, save_nifti
 
 MANIFEST_NAME = "demo_manifest.json"
-NOTICE_NAME = "NOTICE_MNI152.txt"
+NOTICE_NAME = "NOTICE.txt"  # the template's copyright notice travels with the derived data
 
 # Set name -> (spawn-key id, directory under out_dir, name prefix, written contrasts, lesion type).
 # The ids are fixed forever: they key each subject's random stream.
@@ -94,17 +95,27 @@ HEALTHY_TISSUES = {
     "wm": TissueProperties(850.0, 70.0, 0.69),
     "csf": TissueProperties(4200.0, 1800.0, 1.00),
 }
-# Lesion tissues, demo-data.md §4.2; the MS plaque T2 is raised from 140 ms (MS was far too hard, §4.3).
+# Lesion tissues, demo-data.md §4.2. MS plaque T2 raised from 140 ms (MS was far too hard, §4.3); WMH T1
+# lowered from 1150 ms so that WMH are about iso-intense to WM on T1w (0.99), as many are.
 LESION_TISSUES = {
     "ms_plaque": TissueProperties(1400.0, 180.0, 0.82),
     "ms_black_hole": TissueProperties(2200.0, 250.0, 0.85),
-    "wmh": TissueProperties(1150.0, 115.0, 0.76),
+    "wmh": TissueProperties(1000.0, 115.0, 0.76),
     "oedema": TissueProperties(1450.0, 190.0, 0.87),
     "enhancing": TissueProperties(1550.0, 125.0, 0.85),
     "necrosis": TissueProperties(3000.0, 700.0, 0.95),
     "stroke_core": TissueProperties(3500.0, 1200.0, 0.97),
     "gliosis": TissueProperties(1350.0, 160.0, 0.84),
 }
+# Sizes and contrasts tuned so that a plain intensity threshold lands within a factor of two of the paper's
+# Thresh AUPRC on every test set (demo-data.md §4.3, benchmarks/demo_threshold_baseline.py).
+MS_LESION_MEDIAN_MM3 = 250.0  # §4.2 says 100 mm^3; raised for a 5-15 mL median load, as §4.3 asks
+WMH_MEDIAN_ML = 15.0  # top of the 10-15 mL anchor (§3); WMH on T1 is a prevalence game
+STROKE_MEDIAN_ML, STROKE_SIGMA = 8.0, 1.8  # within §4.2's 5-8 mL median, sigma 1.4-1.8
+STROKE_RIM_MM = 4.0  # gliotic rim inside the infarct edge (§4.2 says 2 voxels at 1 mm)
+STROKE_CAVITATION = (0.5, 1.0)  # share of the infarct core that is CSF-like; the rest is gliotic
+OEDEMA_FLOOR = 0.3  # water excess of oedema far from the tumour core, relative to next to it
+
 # Healthy distractors, demo-data.md §4.1.4: normal periventricular caps and choroid plexus [approximate].
 DISTRACTOR_TISSUES = {
     "pvs": HEALTHY_TISSUES["csf"],
@@ -124,7 +135,9 @@ class T1wSequence:
     def signal(self, tissue: TissueProperties) -> float:
         e1 = np.exp(-self.tr / tissue.t1)
         flip = np.deg2rad(self.flip_deg)
-        return float(tissue.pd * np.sin(flip) * (1 - e1) / (1 - np.cos(flip) * e1) * np.exp(-self.te / tissue.t2))
+        return float(
+            tissue.pd * np.sin(flip) * (1 - e1) / (1 - np.cos(flip) * e1) * np.exp(-self.te / tissue.t2)
+        )
 
 
 @dataclass(frozen=True)
@@ -185,7 +198,9 @@ def _load_default_base() -> tuple[dict[str, np.ndarray], np.ndarray, str, tuple[
     try:
         from nilearn import datasets
     except ImportError as exc:  # pragma: no cover - nilearn is a hard dependency
-        raise MhdUadError(f"the default demo base needs nilearn ({exc}); pass base_t1 and base_tissues") from None
+        raise MhdUadError(
+            f"the default demo base needs nilearn ({exc}); pass base_t1 and base_tissues"
+        ) from None
     images = {
         "t1": datasets.load_mni152_template(resolution=1),
         "mask": datasets.load_mni152_brain_mask(resolution=1),
@@ -210,14 +225,24 @@ def _tissue_paths(base_tissues) -> dict[str, Path]:
                 f"missing {sorted(missing)}, unknown {sorted(unknown)}"
             )
         return {k: Path(v) for k, v in base_tissues.items()}
-    if isinstance(base_tissues, (str, Path)) or not isinstance(base_tissues, Sequence) or len(base_tissues) != 3:
-        raise MhdUadError("base_tissues must be a mapping {gm, wm, csf[, mask]} or a sequence of 3 paths (GM, WM, CSF)")
+    if (
+        isinstance(base_tissues, (str, Path))
+        or not isinstance(base_tissues, Sequence)
+        or len(base_tissues) != 3
+    ):
+        raise MhdUadError(
+            "base_tissues must be a mapping {gm, wm, csf[, mask]} or a sequence of 3 paths (GM, WM, CSF)"
+        )
     return {k: Path(v) for k, v in zip(("gm", "wm", "csf"), base_tissues, strict=True)}
 
 
-def _load_custom_base(base_t1, base_tissues) -> tuple[dict[str, np.ndarray], np.ndarray, str, tuple[str, ...]]:
+def _load_custom_base(
+    base_t1, base_tissues
+) -> tuple[dict[str, np.ndarray], np.ndarray, str, tuple[str, ...]]:
     if base_t1 is None or base_tissues is None:
-        raise MhdUadError("a custom demo base needs both base_t1 and base_tissues (GM, WM and CSF probability maps)")
+        raise MhdUadError(
+            "a custom demo base needs both base_t1 and base_tissues (GM, WM and CSF probability maps)"
+        )
     paths = {"t1": Path(base_t1), **_tissue_paths(base_tissues)}
     arrays: dict[str, np.ndarray] = {}
     ref_affine = None
@@ -226,16 +251,21 @@ def _load_custom_base(base_t1, base_tissues) -> tuple[dict[str, np.ndarray], np.
         if ref_affine is None:
             ref_shape, ref_affine = data.shape, affine
         elif data.shape != ref_shape or not np.allclose(affine, ref_affine, atol=1e-3):
-            raise InputFileError(f"base {key} map does not share the shape/affine of the base T1 {paths['t1']}", path)
+            raise InputFileError(
+                f"base {key} map does not share the shape/affine of the base T1 {paths['t1']}", path
+            )
         if key in ("gm", "wm", "csf") and (data.min() < -0.01 or data.max() > 1.01):
             raise InputFileError(
-                f"base {key} map must hold probabilities in [0, 1], found [{data.min():.3g}, {data.max():.3g}]", path
+                f"base {key} map must hold probabilities in [0, 1], found [{data.min():.3g}, {data.max():.3g}]",
+                path,
             )
         arrays[key] = data.astype(np.float64)
     if "mask" not in arrays:
         arrays["mask"] = ((arrays["gm"] + arrays["wm"] + arrays["csf"]) > 0.5).astype(np.float64)
     if (arrays["mask"] > 0.5).sum() < 1000:
-        raise InputFileError("the base brain mask (or GM+WM+CSF > 0.5) holds fewer than 1000 voxels", paths["t1"])
+        raise InputFileError(
+            "the base brain mask (or GM+WM+CSF > 0.5) holds fewer than 1000 voxels", paths["t1"]
+        )
     files = tuple(p.name for p in paths.values())
     return arrays, ref_affine, f"user-supplied template ({', '.join(files)})", files
 
@@ -245,8 +275,14 @@ def _resample_to_grid(arr: np.ndarray, spacing: np.ndarray, start_idx: np.ndarra
     sigma = np.sqrt(np.maximum(voxel_size**2 - spacing**2, 0.0)) / 2.355 / spacing  # FWHM of the new voxel
     smooth = ndi.gaussian_filter(arr, sigma, mode="constant") if np.any(sigma > 0.1) else arr
     step = voxel_size / spacing
-    return ndi.affine_transform(smooth, step, offset=start_idx, output_shape=tuple(shape), order=1, mode="constant")
+    return ndi.affine_transform(
+        smooth, step, offset=start_idx, output_shape=tuple(shape), order=1, mode="constant"
+    )
 
+
+# MNI152 brains are larger than a typical adult brain and than SRI24, the atlas the real data are affinely
+# registered to (method.md §2.2): 0.92 per axis brings the MNI brain mask from 1.88 L to about 1.46 L [approx].
+BRAIN_SCALE = 0.92
 
 _BASE_CACHE: dict[tuple, BaseAnatomy] = {}
 
@@ -273,13 +309,15 @@ def load_base_anatomy(base_t1=None, base_tissues=None, voxel_size: float = 2.0) 
     # Brain bounding box with a 6 mm margin (demo-data.md §4.1), on the new grid.
     lo_mm = (idx.min(0) * spacing) - 6.0
     hi_mm = (idx.max(0) * spacing) + 6.0
-    shape = np.ceil((hi_mm - lo_mm) / voxel_size).astype(int) + 1
+    # The demo atlas space is the template shrunk by BRAIN_SCALE; a grid voxel covers voxel_size / scale there.
+    template_step = voxel_size / BRAIN_SCALE
+    shape = np.ceil((hi_mm - lo_mm) / template_step).astype(int) + 1
     start_idx = lo_mm / spacing
-    origin_mm = affine[:3, :3] @ start_idx + affine[:3, 3]
+    origin_mm = BRAIN_SCALE * (affine[:3, :3] @ start_idx + affine[:3, 3])
     channels = np.zeros((_N_CHANNELS, *shape), dtype=np.float64)
     for ch, name in ((T1, "t1"), (GM, "gm"), (WM, "wm"), (CSF, "csf"), (MASK, "mask")):
         src = mask1.astype(np.float64) if name == "mask" else arrays[name]
-        channels[ch] = _resample_to_grid(src, spacing, start_idx, shape, voxel_size)
+        channels[ch] = _resample_to_grid(src, spacing, start_idx, shape, template_step)
     channels[GM:MASK] = np.clip(channels[GM:MASK], 0.0, 1.0)
     channels[MASK] = np.clip(channels[MASK], 0.0, 1.0)
     brain = channels[MASK] > 0.5
@@ -313,8 +351,12 @@ def load_base_anatomy(base_t1=None, base_tissues=None, voxel_size: float = 2.0) 
     channels[D_VENT] = ndi.distance_transform_edt(~vent) * v
 
     grid_mm = [np.arange(s) * v for s in shape]
-    centre = np.array([np.average(g, weights=brain.sum(axis=tuple(j for j in range(3) if j != i)))
-                       for i, g in enumerate(grid_mm)])
+    centre = np.array(
+        [
+            np.average(g, weights=brain.sum(axis=tuple(j for j in range(3) if j != i)))
+            for i, g in enumerate(grid_mm)
+        ]
+    )
     vent_idx = np.argwhere(vent) * v
     vent_centre = vent_idx.mean(0)
     midline = float(centre[0])
@@ -324,7 +366,9 @@ def load_base_anatomy(base_t1=None, base_tissues=None, voxel_size: float = 2.0) 
         left.mean(0) if len(left) else vent_centre - [12.0, 0, 0],
         right.mean(0) if len(right) else vent_centre + [12.0, 0, 0],
     )
-    base = BaseAnatomy(channels, float(v), origin_mm, centre, vent_centre, lateral, midline, description, files)
+    base = BaseAnatomy(
+        channels, float(v), origin_mm, centre, vent_centre, lateral, midline, description, files
+    )
     _BASE_CACHE[key] = base
     return base
 
@@ -402,8 +446,9 @@ def _to_grid_sample(points_mm: np.ndarray, shape, v: float) -> torch.Tensor:
 def warp_volumes(volumes: np.ndarray, points_mm: np.ndarray, v: float, padding: str = "zeros") -> np.ndarray:
     """Sample (C, X, Y, Z) `volumes` at template positions `points_mm` (X', Y', Z', 3), trilinear."""
     grid = _to_grid_sample(points_mm, volumes.shape[1:], v)
-    out = F.grid_sample(torch.from_numpy(volumes)[None], grid, mode="bilinear", padding_mode=padding,
-                        align_corners=True)
+    out = F.grid_sample(
+        torch.from_numpy(volumes)[None], grid, mode="bilinear", padding_mode=padding, align_corners=True
+    )
     return out[0].numpy()
 
 
@@ -462,8 +507,9 @@ def _random_axes(rng: np.random.Generator) -> np.ndarray:
     return (q * np.sign(np.diag(r))).T
 
 
-def paint_ellipsoid(frac: np.ndarray, centre_mm, radii_mm, axes: np.ndarray, v: float,
-                    volume_mm3: float | None = None) -> np.ndarray:
+def paint_ellipsoid(
+    frac: np.ndarray, centre_mm, radii_mm, axes: np.ndarray, v: float, volume_mm3: float | None = None
+) -> np.ndarray:
     """Max-composite a soft ellipsoid into `frac` (edge ramp one voxel wide); returns the painted box's f.
 
     With `volume_mm3`, a lesion smaller than the ramp's volume is scaled down so that sum(f)*v^3 equals its
@@ -477,7 +523,9 @@ def paint_ellipsoid(frac: np.ndarray, centre_mm, radii_mm, axes: np.ndarray, v: 
     if np.any(hi <= lo):
         return np.zeros(0)
     box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    pts = np.stack(np.meshgrid(*[np.arange(a, b) * v for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1)
+    pts = np.stack(
+        np.meshgrid(*[np.arange(a, b) * v for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1
+    )
     local = (pts - centre) @ axes.T / radii
     rho = np.sqrt(np.sum(local**2, axis=-1))
     f = np.clip(0.5 + (1.0 - rho) * radii.min() / v, 0.0, 1.0)
@@ -505,6 +553,19 @@ def _top_voxels(score: np.ndarray, candidates: np.ndarray, n: int) -> np.ndarray
     order = np.argsort(-score.ravel()[idx], kind="stable")[:n]
     out.ravel()[idx[order]] = True
     return out
+
+
+def _grow_region(score: np.ndarray, allowed: np.ndarray, seed: np.ndarray, n: int) -> np.ndarray:
+    """Grow `seed` inside `allowed`, adding the best-scoring neighbours first, until it has `n` voxels."""
+    region = seed & allowed
+    while (have := int(region.sum())) < n:
+        frontier = ndi.binary_dilation(region) & allowed & ~region
+        if not frontier.any():
+            break
+        if frontier.sum() > n - have:
+            frontier = _top_voxels(score, frontier, n - have)
+        region |= frontier
+    return region
 
 
 def _parenchyma_fraction(anat: SubjectAnatomy) -> np.ndarray:
@@ -561,7 +622,9 @@ def add_healthy_distractors(rng: np.random.Generator, anat: SubjectAnatomy) -> t
     for _ in range(int(rng.integers(3, 11))):
         c = _pick_voxel(rng, cisterns, brain) * v
         r = rng.uniform(0.8, 1.8)
-        paint_ellipsoid(voids, c, (r, r, r * 2.0), _random_axes(rng), v, volume_mm3=4.0 / 3.0 * np.pi * r**3 * 2)
+        paint_ellipsoid(
+            voids, c, (r, r, r * 2.0), _random_axes(rng), v, volume_mm3=4.0 / 3.0 * np.pi * r**3 * 2
+        )
     return components, voids
 
 
@@ -592,10 +655,27 @@ def _lognormal(rng, median: float, sigma: float, lo: float, hi: float) -> float:
     return float(np.clip(median * np.exp(sigma * rng.standard_normal()), lo, hi))
 
 
-def plan_tumour(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
+def _lognormal_quantile(q: float, median: float, sigma: float, lo: float, hi: float) -> float:
+    return float(np.clip(median * np.exp(sigma * ndtri(q)), lo, hi))
+
+
+def lesion_size_quantile(seed: int, dataset: str, index: int) -> float:
+    """Quantile of a subject's lesion size: a golden-ratio sequence with a seeded start.
+
+    Any run of consecutive subjects spreads evenly over the size distribution, so a 12-scan test set is not
+    at the mercy of one or two draws from a heavy tail; subject i's quantile depends only on (seed, set, i).
+    """
+    start = np.random.default_rng(
+        np.random.SeedSequence(int(seed), spawn_key=(DATASETS[dataset][0], 2**20))
+    ).random()
+    q = (start + index * 0.6180339887498949) % 1.0
+    return float(np.clip(q, 1e-4, 1.0 - 1e-4))
+
+
+def plan_tumour(rng: np.random.Generator, anat: SubjectAnatomy, size_q: float) -> LesionPlan:
     """BraTS-like: necrotic/enhancing core, finger-like oedema preferring WM, mass effect."""
     ch, v, shape = anat.channels, anat.v, anat.shape
-    core_ml = _lognormal(rng, 25.0, 0.7, 2.0, 120.0)
+    core_ml = _lognormal_quantile(size_q, 25.0, 0.7, 2.0, 120.0)
     whole_ml = core_ml * _lognormal(rng, 3.0, 0.5, 1.2, 8.0)
     whole_ml = min(whole_ml, 300.0)
     r = (3.0 * core_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
@@ -623,7 +703,9 @@ def plan_tumour(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
         rho = np.sqrt(np.sum(local**2, axis=-1)) + 0.2 * smooth_noise(nrng, shape, max(r / 2.0, 4.0), v)
         edge = r / v
         core = np.clip(0.5 + (1.0 - rho) * edge, 0.0, 1.0) * final.channels[MASK]
-        necrosis = np.clip(0.5 + (necrosis_radius - rho) * edge, 0.0, 1.0) * core if necrosis_radius else 0 * core
+        necrosis = (
+            np.clip(0.5 + (necrosis_radius - rho) * edge, 0.0, 1.0) * core if necrosis_radius else 0 * core
+        )
         enhancing = core - necrosis
         # Oedema: top-V voxels of -(|x-c|/R + 0.25 noise) + 0.25 WM, not CSF, same hemisphere, connected.
         big_r = (3.0 * whole_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
@@ -637,26 +719,34 @@ def plan_tumour(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
         labels, _ = ndi.label(oedema_bin | core_bin)
         keep = np.unique(labels[core_bin])
         oedema_bin &= np.isin(labels, keep[keep > 0])
-        oedema = np.clip(_soften(oedema_bin) - core, 0.0, 1.0) * final.channels[MASK]
-        components = [(oedema, LESION_TISSUES["oedema"]), (enhancing, LESION_TISSUES["enhancing"]),
-                      (necrosis, LESION_TISSUES["necrosis"])]
-        total = oedema + enhancing + necrosis
-        stack = np.stack([oedema, necrosis, enhancing])
-        labels_brats = np.array([2, 1, 4], dtype=np.uint8)[np.argmax(stack, axis=0)]
-        seg = np.where((total > 0.5) & final.brain, labels_brats, 0).astype(np.uint8)
-        info = {"core_target_ml": core_ml, "whole_target_ml": whole_ml,
-                "mass_effect_mm": amplitude, "necrosis_radius_fraction": necrosis_radius}
+        # Vasogenic oedema fades away from the tumour: the labelled region is whole, its water excess is not.
+        from_core = ndi.distance_transform_edt(~core_bin) * v
+        strength = OEDEMA_FLOOR + (1.0 - OEDEMA_FLOOR) * np.exp(-from_core / 8.0)
+        strength = np.clip(strength + 0.15 * smooth_noise(nrng, shape, 4.0, v), 0.2, 1.0)
+        oedema = np.clip(_soften(oedema_bin) - core, 0.0, 1.0) * final.channels[MASK] * strength
+        components = [
+            (oedema, LESION_TISSUES["oedema"]),
+            (enhancing, LESION_TISSUES["enhancing"]),
+            (necrosis, LESION_TISSUES["necrosis"]),
+        ]
+        seg = np.where(core_bin, np.where(necrosis >= enhancing, 1, 4), np.where(oedema_bin, 2, 0))
+        seg = (seg * final.brain).astype(np.uint8)
+        info = {
+            "core_target_ml": core_ml,
+            "whole_target_ml": whole_ml,
+            "mass_effect_mm": amplitude,
+            "necrosis_radius_fraction": necrosis_radius,
+        }
         return components, seg, info
 
     return LesionPlan(second, paint)
 
 
-def plan_ms(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
+def plan_ms(rng: np.random.Generator, anat: SubjectAnatomy, size_q: float) -> LesionPlan:
     """MSLUB-like: periventricular ovoids along the ventricle-radial direction (Dawson's fingers)."""
-    n_lesions = int(round(_lognormal(rng, 20.0, 0.6, 3.0, 100.0)))
+    n_lesions = int(round(_lognormal_quantile(size_q, 20.0, 0.6, 3.0, 100.0)))
     pools = rng.choice(4, size=n_lesions, p=[0.5, 0.25, 0.15, 0.10])
-    # Per-lesion volume median raised from 100 to 250 mm^3: a 5-15 mL total load (demo-data.md §4.3).
-    volumes = [_lognormal(rng, 250.0, 1.1, 10.0, 5000.0) for _ in range(n_lesions)]
+    volumes = [_lognormal(rng, MS_LESION_MEDIAN_MM3, 1.1, 10.0, 5000.0) for _ in range(n_lesions)]
     shapes = [(rng.uniform(1.3, 2.2), rng.random() < 0.2) for _ in range(n_lesions)]
     draws = rng.integers(2**32, size=n_lesions)
 
@@ -699,29 +789,31 @@ def plan_ms(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
     return LesionPlan(None, paint)
 
 
-def plan_wmh(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
+def plan_wmh(rng: np.random.Generator, anat: SubjectAnatomy, size_q: float) -> LesionPlan:
     """WMH-challenge-like: periventricular caps and bands plus patchy deep foci, bilateral."""
-    target_ml = _lognormal(rng, 10.0, 0.9, 0.5, 80.0)
+    target_ml = _lognormal_quantile(size_q, WMH_MEDIAN_ML, 0.9, 0.5, 80.0)
     noise_seed = rng.integers(2**32)
 
     def paint(final: SubjectAnatomy):
         ch, v, shape = final.channels, final.v, final.shape
         noise = smooth_noise(np.random.default_rng(noise_seed), shape, 5.0, v)
         score = np.exp(-ch[D_VENT] / 6.0) + 0.25 * noise
-        candidates = final.brain & (ch[WM] > 0.5) & (ch[VENT] < 0.5)
+        candidates = final.brain & (ch[WM] > 0.5) & (ch[VENT] < 0.5) & (_parenchyma_fraction(final) > 0.7)
         binary = _top_voxels(score, candidates, int(round(target_ml * 1000.0 / v**3)))
-        frac = _soften(binary) * _parenchyma_fraction(final) * ch[MASK]
-        seg = (frac > 0.5) & final.brain
+        frac = _soften(binary)
+        frac = np.where(binary, frac, frac * _parenchyma_fraction(final) * ch[MASK])
+        seg = binary & final.brain
         return [(frac, LESION_TISSUES["wmh"])], seg.astype(np.uint8), {"target_volume_ml": target_ml}
 
     return LesionPlan(None, paint)
 
 
-def plan_stroke(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
+def plan_stroke(rng: np.random.Generator, anat: SubjectAnatomy, size_q: float) -> LesionPlan:
     """ATLAS-like chronic stroke: territorial wedge (or lacunes), CSF-like core, gliotic rim, ex vacuo."""
     v, shape = anat.v, anat.shape
-    lacunar = rng.random() < 0.25
-    target_ml = _lognormal(rng, 8.0, 1.6, 0.3, 250.0)
+    # The smallest fifth of the size distribution are lacunar infarcts (20-30 % lacunes, §4.2).
+    lacunar = size_q < 0.2
+    target_ml = _lognormal_quantile(size_q, STROKE_MEDIAN_ML, STROKE_SIGMA, 0.3, 250.0)
     hemi = 1.0 if rng.random() < 0.5 else -1.0
     rel_apex = np.array([hemi * rng.uniform(19.0, 25.0), rng.uniform(-30.0, 25.0), rng.uniform(-5.0, 25.0)])
     yaw, pitch = np.deg2rad(rng.uniform(-35.0, 35.0)), np.deg2rad(rng.uniform(-30.0, 30.0))
@@ -730,6 +822,7 @@ def plan_stroke(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
     n_lacunes = int(rng.integers(1, 4)) if lacunar else int(rng.random() < 0.2)
     lacune_draws = rng.integers(2**32, size=n_lacunes)
     noise_seed = rng.integers(2**32)
+    cavitation = rng.uniform(STROKE_CAVITATION[0], STROKE_CAVITATION[1])
     # Ex-vacuo dilation of the ipsilateral lateral ventricle, growing with the infarct.
     growth = 0.0 if lacunar else 0.05 + 0.2 * min(target_ml / 50.0, 1.0)
     vent = anat.base.lateral_vent_mm[1 if hemi > 0 else 0]
@@ -741,6 +834,7 @@ def plan_stroke(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
         brain = final.brain
         rel = final.relative_mm()
         parenchyma = brain & ((ch[GM] + ch[WM]) > 0.5)
+        tissue = brain & ((ch[GM] + ch[WM]) > 0.3) & (ch[VENT] < 0.5)  # an old infarct also takes in sulci
         lesion = np.zeros(shape, dtype=bool)
         if not lacunar:
             # Template position of the apex -> the subject voxel nearest to it.
@@ -750,17 +844,38 @@ def plan_stroke(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
             along = d @ axis
             cos_angle = along / np.maximum(np.linalg.norm(d, axis=-1), 1e-6)
             same_side = np.sign(rel[..., 0]) == hemi
-            cone = parenchyma & same_side & (cos_angle >= np.cos(half_angle)) & (along > 0)
             noise = smooth_noise(np.random.default_rng(noise_seed), shape, 5.0, v)
-            # Grown from the cortex inward until the volume is reached: a wedge with its base on the cortex.
-            chosen = _top_voxels(along + 3.0 * noise, cone, int(round(target_ml * 1000.0 / v**3)))
-            labels, n = ndi.label(chosen)
-            if n > 1:
-                sizes = ndi.sum_labels(chosen, labels, np.arange(1, n + 1))
-                chosen = labels == 1 + int(np.argmax(sizes))
+            n_target = max(int(round(target_ml * 1000.0 / v**3)), 1)
+            angle = half_angle
+            hemisphere_tissue = tissue & same_side
+            while True:
+                cone = tissue & same_side & (cos_angle >= np.cos(angle)) & (along > 0)
+                # Grown from the cortex inward until the volume is reached: a wedge with its base on the cortex.
+                score = along + 3.0 * noise
+                chosen = _top_voxels(score, cone, n_target)
+                labels, n = ndi.label(chosen)
+                if n > 1:
+                    sizes = ndi.sum_labels(chosen, labels, np.arange(1, n + 1))
+                    chosen = labels == 1 + int(np.argmax(sizes))
+                chosen = _grow_region(score, cone, chosen, n_target)  # one connected territory
+                if chosen.sum() >= 0.9 * n_target:
+                    break
+                if angle >= np.deg2rad(75.0):
+                    # Still short of a large infarct: let it spread through the hemisphere's tissue.
+                    chosen = _grow_region(
+                        -np.sqrt(np.sum(d**2, axis=-1)), hemisphere_tissue, chosen, n_target
+                    )
+                    break
+                angle += np.deg2rad(5.0)  # the cone is too small for the volume: widen the territory
             lesion |= chosen
         deep = brain & (ch[GM] > 0.4) & (ch[DEPTH] > 25.0) & (rel[..., 2] > -25.0) & (rel[..., 2] < 5.0)
-        pons = brain & (ch[WM] > 0.4) & (np.abs(rel[..., 0]) < 8.0) & (rel[..., 2] < -30.0) & (rel[..., 2] > -60.0)
+        pons = (
+            brain
+            & (ch[WM] > 0.4)
+            & (np.abs(rel[..., 0]) < 8.0)
+            & (rel[..., 2] < -30.0)
+            & (rel[..., 2] > -60.0)
+        )
         lacune_ml = 0.0
         for draw in lacune_draws:
             lrng = np.random.default_rng(draw)
@@ -774,15 +889,24 @@ def plan_stroke(rng: np.random.Generator, anat: SubjectAnatomy) -> LesionPlan:
         if not lesion.any():
             lesion[tuple(_pick_voxel(rng, deep, parenchyma))] = True
         frac = _soften(lesion) * ch[MASK]
-        # CSF-like core, 2 mm gliotic rim (demo-data.md §4.2).
+        # CSF-like core inside a gliotic rim (demo-data.md §4.2).
         inside = ndi.distance_transform_edt(lesion) * v
-        core_weight = np.clip((inside - 2.0) / v + 0.5, 0.0, 1.0)
-        components = [(frac * core_weight, LESION_TISSUES["stroke_core"]),
-                      (frac * (1.0 - core_weight), LESION_TISSUES["gliosis"])]
+        core_weight = np.clip((inside - STROKE_RIM_MM) / v + 0.5, 0.0, 1.0)
+        # Incomplete cavitation: part of the core is gliotic tissue rather than CSF-like fluid.
+        components = [
+            (frac * core_weight * cavitation, LESION_TISSUES["stroke_core"]),
+            (frac * (1.0 - core_weight * cavitation), LESION_TISSUES["gliosis"]),
+        ]
         seg = (frac > 0.5) & brain
-        info = {"lacunar": bool(lacunar), "n_lacunes": int(n_lacunes), "target_volume_ml": 0.0 if lacunar
-                else target_ml, "half_angle_deg": float(np.rad2deg(half_angle)), "hemisphere": "right"
-                if hemi > 0 else "left"}
+        info = {
+            "lacunar": bool(lacunar),
+            "n_lacunes": int(n_lacunes),
+            "target_volume_ml": 0.0 if lacunar else target_ml,
+            "half_angle_deg": float(np.rad2deg(half_angle)),
+            "hemisphere": "right" if hemi > 0 else "left",
+            "cavitation": cavitation,
+            "lacune_ml": lacune_ml,
+        }
         return components, seg.astype(np.uint8), info
 
     return LesionPlan(second, paint)
@@ -850,8 +974,9 @@ def subject_seed_sequence(seed: int, dataset: str, index: int) -> np.random.Seed
     return np.random.SeedSequence(entropy=int(seed), spawn_key=(DATASETS[dataset][0], int(index)))
 
 
-def simulate_subject(base: BaseAnatomy, dataset: str, index: int, seed: int,
-                     contrasts: Sequence[str] | None = None) -> SyntheticScan:
+def simulate_subject(
+    base: BaseAnatomy, dataset: str, index: int, seed: int, contrasts: Sequence[str] | None = None
+) -> SyntheticScan:
     """Generate one subject of `dataset` on the working grid (no I/O)."""
     lesion_type = DATASETS[dataset][4]
     contrasts = tuple(contrasts or DATASETS[dataset][3])
@@ -865,15 +990,19 @@ def simulate_subject(base: BaseAnatomy, dataset: str, index: int, seed: int,
         anat = _warp_subject(base, points)
         plan = None
         if lesion_type != "none":
-            plan = LESION_PLANNERS[lesion_type](np.random.default_rng(lesion_ss), anat)
+            size_q = lesion_size_quantile(seed, dataset, index)
+            plan = LESION_PLANNERS[lesion_type](np.random.default_rng(lesion_ss), anat, size_q)
             if plan.second_map is not None:
                 points = compose_backward_maps(points, plan.second_map, v)
                 anat = _warp_subject(base, points)
 
     # Tissue-parameter jitter x U(0.93, 1.07) per subject (scanner differences), sequence jitter (§4.1.2-3).
     tissues = {k: t.scaled(*tissue_rng.uniform(0.93, 1.07, 3)) for k, t in HEALTHY_TISSUES.items()}
-    t1w = T1wSequence(tr=tissue_rng.uniform(18.0, 22.0), te=tissue_rng.uniform(3.0, 5.0),
-                      flip_deg=tissue_rng.uniform(22.0, 28.0))
+    t1w = T1wSequence(
+        tr=tissue_rng.uniform(18.0, 22.0),
+        te=tissue_rng.uniform(3.0, 5.0),
+        flip_deg=tissue_rng.uniform(22.0, 28.0),
+    )
     t2w = T2wSequence(tr=tissue_rng.uniform(3000.0, 6000.0), te=tissue_rng.uniform(80.0, 120.0))
     lesion_jitter = tissue_rng.uniform(0.85, 1.15, 3)
     heterogeneity = np.exp(0.12 * smooth_noise(tissue_rng, anat.shape, 3.0, v))
@@ -945,8 +1074,14 @@ def _make_and_write(base: BaseAnatomy, out_dir: Path, dataset: str, index: int, 
     files["mask"] = f"{rel_dir}/mask/{name}_mask.nii.gz"
     save_nifti(out_dir / files["mask"], scan.mask[box], affine, dtype=np.uint8)
     voxel_ml = base.voxel_size**3 / 1000.0
-    entry = {"set": dataset, "name": name, "files": files, "shape": [int(s) for s in scan.mask[box].shape],
-             "lesion_type": lesion_type, "lesion_volume_ml": 0.0}
+    entry = {
+        "set": dataset,
+        "name": name,
+        "files": files,
+        "shape": [int(s) for s in scan.mask[box].shape],
+        "lesion_type": lesion_type,
+        "lesion_volume_ml": 0.0,
+    }
     if scan.seg is not None:
         seg = scan.seg[box]
         files["seg"] = f"{rel_dir}/seg/{name}_seg.nii.gz"
@@ -954,10 +1089,14 @@ def _make_and_write(base: BaseAnatomy, out_dir: Path, dataset: str, index: int, 
         entry["lesion_volume_ml"] = round(float((seg > 0).sum()) * voxel_ml, 4)
         entry["n_components"] = int(ndi.label(seg > 0)[1])
         if dataset == "Brats21":
-            entry["subregions_ml"] = {k: round(float((seg == lab).sum()) * voxel_ml, 4)
-                                      for k, lab in (("necrosis", 1), ("oedema", 2), ("enhancing", 4))}
-        entry["recipe"] = {k: (round(float(x), 4) if isinstance(x, (float, np.floating)) else x)
-                           for k, x in sorted(scan.info.items())}
+            entry["subregions_ml"] = {
+                k: round(float((seg == lab).sum()) * voxel_ml, 4)
+                for k, lab in (("necrosis", 1), ("oedema", 2), ("enhancing", 4))
+            }
+        entry["recipe"] = {
+            k: (round(float(x), 4) if isinstance(x, (float, np.floating)) else x)
+            for k, x in sorted(scan.info.items())
+        }
     return entry
 
 
@@ -1041,15 +1180,14 @@ def generate_demo_dataset(
     entries: list[dict] = []
     try:
         if workers == 1 or len(tasks) < 2:
-            torch_threads = torch.get_num_threads()
             for dataset, index in tasks:
                 entries.append(_make_and_write(base, out_dir, dataset, index, seed))
                 bar.update(1)
-            torch.set_num_threads(torch_threads)
         else:
             ctx = multiprocessing.get_context("spawn")  # torch + fork can deadlock
-            with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx,
-                                                        initializer=_worker_init, initargs=(base,)) as pool:
+            with concurrent.futures.ProcessPoolExecutor(
+                min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init, initargs=(base,)
+            ) as pool:
                 args = [(str(out_dir), d, i, int(seed)) for d, i in tasks]
                 for entry in pool.map(_worker_task, args):
                     entries.append(entry)
@@ -1078,8 +1216,11 @@ def generate_demo_dataset(
     for name in TEST_SETS:
         vols = [e["lesion_volume_ml"] for e in entries if e["set"] == name]
         if vols:
-            lesion_ml[name] = {"min": float(np.min(vols)), "median": float(np.median(vols)),
-                               "max": float(np.max(vols))}
+            lesion_ml[name] = {
+                "min": round(float(np.min(vols)), 3),
+                "median": round(float(np.median(vols)), 3),
+                "max": round(float(np.max(vols)), 3),
+            }
     return {
         "out_dir": str(out_dir),
         "seed": int(seed),
