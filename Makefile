@@ -30,9 +30,10 @@ demo: $(STAMP) ## generate the demo data when absent, then run the whole DVC pip
 	$(BIN)/mhd-uad report --readme README.md
 	$(BIN)/dvc status
 
-test: $(STAMP) ## lint, unit tests and the end-to-end pipeline test (what CI runs)
+test: $(STAMP) ## lint, workflow lint, unit tests and the end-to-end pipeline test (what CI runs)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/actionlint .github/workflows/*.yml
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q --durations=10
 
 test-fast: $(STAMP) ## unit tests only (the inner loop)
 	$(BIN)/python -m pytest -q -m "not slow"

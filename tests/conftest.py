@@ -7,6 +7,7 @@ exercise the same code paths as real data.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,24 @@ def fixture_splits() -> Path:
     if not FIXTURE_SPLITS.is_dir():
         pytest.skip(f"the authors' split CSVs are not at {FIXTURE_SPLITS} (set MHD_UAD_FIXTURE_SPLITS)")
     return FIXTURE_SPLITS
+
+
+def run_data_stages(data_root: Path, out: Path, params, only=None) -> Path:
+    """The splits and prepare stages into out/splits and out/prepared (the pure functions, no CLI)."""
+    from mhd_uad.data.prepared import build_prepare_stage
+    from mhd_uad.data.preprocess import PrepareSettings
+    from mhd_uad.data.splits import SplitSettings, build_splits_stage
+
+    settings = SplitSettings.from_params(params)
+    build_splits_stage(data_root, out / "splits", settings)
+    build_prepare_stage(out / "splits", data_root, out / "prepared", settings, PrepareSettings.from_params(params),
+                        only=only)
+    return out
+
+
+def make_workdir(root: Path, data: Path) -> Path:
+    """A scratch project folder: conf/ linked from the repository, a copy of `data` as data/."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "conf").symlink_to(REPO / "conf")
+    shutil.copytree(data, root / "data")
+    return root

@@ -2,20 +2,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_data_stages
 from mhd_uad.data.datamodule import AugmentSettings, IXISliceDataModule, VolumeSliceDataset
-from mhd_uad.data.prepared import PreparedSet, build_prepare_stage
-from mhd_uad.data.preprocess import PrepareSettings
-from mhd_uad.data.splits import SplitSettings, build_splits_stage, read_split_csv
+from mhd_uad.data.prepared import PreparedSet
+from mhd_uad.data.splits import read_split_csv
 from mhd_uad.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
 def stage_dirs(tiny_data, demo_params, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dm")
-    settings = SplitSettings.from_params(demo_params)
-    build_splits_stage(tiny_data, root / "splits", settings)
-    build_prepare_stage(root / "splits", tiny_data, root / "prepared", settings,
-                        PrepareSettings.from_params(demo_params), only=["IXI_t1", "IXI_t2"])
+    root = run_data_stages(tiny_data, tmp_path_factory.mktemp("dm"), demo_params, only=["IXI_t1", "IXI_t2"])
     return root / "prepared", root / "splits", tiny_data
 
 

@@ -8,11 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, write_scan
+from conftest import REPO, make_workdir, run_data_stages, write_scan
 from mhd_uad.config import compose
-from mhd_uad.data.prepared import build_prepare_stage
-from mhd_uad.data.preprocess import PrepareSettings
-from mhd_uad.data.splits import SplitSettings, build_splits_stage
 from mhd_uad.evaluation.evaluate import run_evaluate
 from mhd_uad.io import load_nifti
 from mhd_uad.training import run_pretrain, run_train
@@ -26,17 +23,12 @@ FAST = ["pretrain.max_steps=2", "train.max_steps=3", "train.warmup_steps=1", "da
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    (root / "conf").symlink_to(REPO / "conf")
-    shutil.copytree(tiny_data, root / "data")
+    root = make_workdir(tmp_path_factory.mktemp("eval") / "work", tiny_data)
     params = compose(FAST, REPO)
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    settings = SplitSettings.from_params(params)
-    build_splits_stage("data", "artifacts/splits", settings)
-    build_prepare_stage("artifacts/splits", "data", "artifacts/prepared", settings, PrepareSettings.from_params(params),
-                        only=["IXI_t2", "MSLUB_t2"])
+    run_data_stages(root / "data", root / "artifacts", params, only=["IXI_t2", "MSLUB_t2"])
     run_pretrain(params, "t2")
     run_train(params, "t2", 0)
     yield root, params

@@ -7,22 +7,16 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, write_scan
-from mhd_uad.data.prepared import PreparedSet, build_prepare_stage
+from conftest import REPO, run_data_stages, write_scan
+from mhd_uad.data.prepared import PreparedSet
 from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
-from mhd_uad.data.splits import SplitSettings, build_splits_stage
 from mhd_uad.errors import InputFileError
 from mhd_uad.io import load_nifti, save_nifti
 
 
 @pytest.fixture(scope="module")
 def prepared(tiny_data, demo_params, tmp_path_factory):
-    root = tmp_path_factory.mktemp("prep")
-    settings = SplitSettings.from_params(demo_params)
-    build_splits_stage(tiny_data, root / "splits", settings)
-    build_prepare_stage(root / "splits", tiny_data, root / "prepared", settings,
-                        PrepareSettings.from_params(demo_params))
-    return root / "prepared"
+    return run_data_stages(tiny_data, tmp_path_factory.mktemp("prep"), demo_params) / "prepared"
 
 
 def test_prepare_writes_every_set_on_the_profile_grid(prepared, demo_params):
@@ -165,7 +159,7 @@ def test_cli_stages_run_and_a_bad_scan_fails_cleanly(workdir):
 
 
 def test_cli_rejects_unknown_params_keys_without_traceback(workdir):
-    text = (workdir / "params.yaml").read_text().replace("seed: 3141", "seed: 3141\nsede: 1")
+    text = (workdir / "params.yaml").read_text().replace("\nseed: 3141\n", "\nseed: 3141\nsede: 1\n", 1)
     (workdir / "params.yaml").write_text(text)
     bad = _run_cli(["splits"], workdir)
     assert bad.returncode == 2 and "unknown params keys: sede" in bad.stderr and "Traceback" not in bad.stderr

@@ -7,11 +7,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, make_workdir, run_data_stages
 from mhd_uad.config import compose
-from mhd_uad.data.prepared import build_prepare_stage
-from mhd_uad.data.preprocess import PrepareSettings
-from mhd_uad.data.splits import SplitSettings, build_splits_stage
 from mhd_uad.errors import ConfigError, InputFileError
 from mhd_uad.training import (
     CDDPM_FORMAT,
@@ -30,14 +27,8 @@ FAST = ["pretrain.max_steps=3", "train.max_steps=4", "train.warmup_steps=1", "da
 
 @pytest.fixture(scope="module")
 def workdir(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    (root / "conf").symlink_to(REPO / "conf")
-    shutil.copytree(tiny_data, root / "data")
-    params = compose(FAST, REPO)
-    build_splits_stage(root / "data", root / "artifacts" / "splits", SplitSettings.from_params(params))
-    build_prepare_stage(root / "artifacts" / "splits", root / "data", root / "artifacts" / "prepared",
-                        SplitSettings.from_params(params), PrepareSettings.from_params(params),
-                        only=["IXI_t1", "IXI_t2"])
+    root = make_workdir(tmp_path_factory.mktemp("train") / "work", tiny_data)
+    run_data_stages(root / "data", root / "artifacts", compose(FAST, REPO), only=["IXI_t1", "IXI_t2"])
     return root
 
 
@@ -91,9 +82,9 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(in_workdir):
     with pytest.raises(KeyboardInterrupt):
         run_train(params, "t2", 0, callbacks=[Interrupt()])
     resume = in_workdir / "artifacts" / "resume" / "train_t2-fold0"
-    assert (resume / "last.ckpt").is_file()
+    assert (resume / "checkpoints" / "last.ckpt").is_file()
     assert not (in_workdir / "models" / "t2" / "fold0" / "cddpm.ckpt").exists()
-    step_before = torch.load(resume / "last.ckpt", weights_only=False)["global_step"]
+    step_before = torch.load(resume / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert 0 < step_before < 6
     ckpt = run_train(params, "t2", 0)
     meta = load_checkpoint(ckpt, CDDPM_FORMAT)["meta"]

@@ -96,6 +96,21 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_report(args) -> None:
+    if args.base is not None:
+        from mhd_uad.evaluation.compare import build_report, regressions
+
+        text, result = build_report(args.base, ".", args.format, args.tolerance)
+        if args.out:
+            from mhd_uad.io import atomic_write_text
+
+            atomic_write_text(args.out, text)
+        else:
+            sys.stdout.write(text)
+        if args.fail_on_regression is not None:
+            found = regressions(result, args.fail_on_regression)
+            if found:
+                raise MhdUadError("AUPRC regressed beyond the tolerance: " + "; ".join(found))
+        return
     from mhd_uad.evaluation.report import update_readme, write_report
 
     params = _params(args)
@@ -129,6 +144,16 @@ def cmd_summary(args) -> None:
     for name, count in parameter_table(params):
         table.add_row(name, f"{count:,} ({count / 1e6:.2f} M)")
     Console().print(table)
+
+
+def cmd_check_lock(args) -> None:
+    from mhd_uad.lockcheck import check_lock
+
+    problems = check_lock(".")
+    if problems:
+        raise MhdUadError("dvc.lock is stale (re-run `dvc repro` and commit dvc.lock with the metrics):\n  "
+                          + "\n  ".join(problems))
+    log.info("dvc.lock matches params, code and the git-tracked outputs")
 
 
 def cmd_params(args) -> None:
@@ -179,8 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_overrides(sub.add_parser("evaluate", help="stage: score a test set with every fold -> metrics/<set>.json"))
     p.add_argument("--dataset", required=True)
     p.set_defaults(func=cmd_evaluate, needs_models=True)
-    p = with_overrides(sub.add_parser("report", help="stage: metrics/summary.json and reports/summary.md"))
+    p = with_overrides(sub.add_parser(
+        "report", help="stage: metrics/summary.json and reports/summary.md; with --base: metric deltas against REV"))
     p.add_argument("--readme", default=None, help="also rewrite this README's results block")
+    p.add_argument("--base", default=None, metavar="REV", help="compare metrics/*.json at git REV with the workspace")
+    p.add_argument("--format", choices=["md", "json"], default="md")
+    p.add_argument("--tolerance", type=float, default=0.005, help="AUPRC change marked ▲/▼ (default 0.005)")
+    p.add_argument("--fail-on-regression", type=float, default=None, metavar="TOL",
+                   help="exit non-zero when an AUPRC drops by more than TOL")
+    p.add_argument("--out", default=None, help="write the comparison here instead of stdout")
     p.set_defaults(func=cmd_report)
     p = with_overrides(sub.add_parser("score", help="anomaly map of a new skull-stripped, atlas-space scan"))
     p.add_argument("scan", help="the scan (NIfTI)")
@@ -194,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score, needs_models=True)
     with_overrides(sub.add_parser("summary", help="print each network of the profile with its parameter count")
                    ).set_defaults(func=cmd_summary, needs_models=True)
+    sub.add_parser("check-lock", help="fail when dvc.lock is stale for params, code or metrics (no data needed)"
+                   ).set_defaults(func=cmd_check_lock)
     with_overrides(sub.add_parser("params", help="compose conf/ (with overrides) into params.yaml")
                    ).set_defaults(func=cmd_params)
     return parser

@@ -62,12 +62,15 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def lightning_logger(stage: str, run_name: str, params: Mapping):
-    """An MLFlowLogger on the project store, with params logged and the run tagged."""
+def lightning_logger(stage: str, params: Mapping, run_id: str | None = None):
+    """An MLFlowLogger on the project store: a new run named and tagged after the stage, with params
+    logged, or (run_id) the run of an interrupted fit, continued."""
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     from lightning.pytorch.loggers import MLFlowLogger
 
-    logger = MLFlowLogger(experiment_name=EXPERIMENT, run_name=run_name, tracking_uri=tracking_uri(),
+    if run_id is not None:
+        return MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=tracking_uri(), run_id=run_id)
+    logger = MLFlowLogger(experiment_name=EXPERIMENT, run_name=stage, tracking_uri=tracking_uri(),
                           tags=run_tags(stage), log_model=False)
     logger.log_hyperparams(flatten(params))
     return logger

@@ -17,6 +17,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
 from mhd_uad.config import to_plain
@@ -74,38 +75,32 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class LossCurves:
-    """Lightning callback: train loss per logged step and val loss per validation, as CSV for `dvc plots`."""
+class LossCurves(pl.Callback):
+    """Train loss per logged step and val loss per validation, appended to CSVs for `dvc plots`."""
 
-    def __new__(cls, folder: Path):
-        import lightning.pytorch as pl
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
 
-        class _LossCurves(pl.Callback):
-            def __init__(self, folder: Path):
-                self.folder = folder
-                folder.mkdir(parents=True, exist_ok=True)
+    def _append(self, name: str, step: int, value: float) -> None:
+        path = self.folder / f"{name}.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new:
+                writer.writerow(["step", "loss"])
+            writer.writerow([step, f"{value:.6g}"])
 
-            def _append(self, name: str, step: int, value: float) -> None:
-                path = self.folder / f"{name}.csv"
-                new = not path.exists()
-                with path.open("a", newline="") as fh:
-                    writer = csv.writer(fh)
-                    if new:
-                        writer.writerow(["step", "loss"])
-                    writer.writerow([step, f"{value:.6g}"])
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            value = trainer.callback_metrics.get("train/loss")
+            if value is not None:
+                self._append("train", trainer.global_step, float(value))
 
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-                    value = trainer.callback_metrics.get("train/loss")
-                    if value is not None:
-                        self._append("train", trainer.global_step, float(value))
-
-            def on_validation_epoch_end(self, trainer, module):
-                value = trainer.callback_metrics.get("val/loss")
-                if value is not None and not trainer.sanity_checking:
-                    self._append("val", trainer.global_step, float(value))
-
-        return _LossCurves(folder)
+    def on_validation_epoch_end(self, trainer, module):
+        value = trainer.callback_metrics.get("val/loss")
+        if value is not None and not trainer.sanity_checking:
+            self._append("val", trainer.global_step, float(value))
 
 
 def _trainer_kwargs(params, max_steps: int, max_epochs: int) -> dict:
@@ -124,7 +119,6 @@ def _trainer_kwargs(params, max_steps: int, max_epochs: int) -> dict:
 def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, max_steps: int,
         max_epochs: int, depends_on: list, callbacks=()) -> tuple[Path, dict]:
     """Fit with resume; returns the best Lightning checkpoint path and a summary of the fit."""
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from mhd_uad.tracking import lightning_logger
@@ -139,22 +133,16 @@ def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, 
         shutil.rmtree(resume, ignore_errors=True)
         state = {"fingerprint": key}
     resume.mkdir(parents=True, exist_ok=True)
-    last = resume / "last.ckpt"
+    last = resume / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if last.is_file() else None
     if ckpt_path:
         log.info("%s: resuming from %s", stage, last)
 
-    logger = lightning_logger(stage, stage, to_plain(params)) if state.get("mlflow_run_id") is None else None
-    if logger is None:
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        from mhd_uad.tracking import EXPERIMENT, tracking_uri
-        logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=tracking_uri(),
-                              run_id=state["mlflow_run_id"])
+    logger = lightning_logger(stage, to_plain(params), run_id=state.get("mlflow_run_id"))
     state["mlflow_run_id"] = logger.run_id
     atomic_write_text(state_file, json.dumps(state))
 
-    best = ModelCheckpoint(dirpath=resume, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+    best = ModelCheckpoint(dirpath=resume / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            save_last=True, enable_version_counter=False)
     trainer = pl.Trainer(logger=logger, callbacks=[best, LossCurves(resume / "curves"), *callbacks],
                          default_root_dir=str(resume), **_trainer_kwargs(params, max_steps, max_epochs))
@@ -199,8 +187,6 @@ def _lightning_state(best_path: Path, prefix: str) -> dict:
 
 
 def _seed(params, offset: int) -> None:
-    import lightning.pytorch as pl
-
     pl.seed_everything(int(params.seed) + offset, workers=True, verbose=False)
 
 

@@ -83,13 +83,14 @@ def curvature_flow(image: np.ndarray, spacing: np.ndarray, time_step: float, ite
 
 
 def to_slices(volume_xyz: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) -> [S=Z, H=X, W=Y], contiguous, so one axial slice is one contiguous block on disk."""
-    return np.ascontiguousarray(np.transpose(volume_xyz, (2, 0, 1)))
+    """(X, Y, Z) -> [S=Z, H=X, W=Y] (also [N, X, Y, Z] -> [N, S, H, W]), contiguous: one axial slice is one
+    contiguous block on disk. This is the axis convention of every [S, H, W] volume in the package."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(volume_xyz), -1, -3))
 
 
 def from_slices(volume_shw: np.ndarray) -> np.ndarray:
     """[S, H, W] -> (X, Y, Z), the inverse of `to_slices`."""
-    return np.transpose(volume_shw, (1, 2, 0))
+    return np.moveaxis(np.asarray(volume_shw), -3, -1)
 
 
 def preprocess_scan(

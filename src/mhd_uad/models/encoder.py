@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mhd_uad.errors import ConfigError
+from mhd_uad.models import count_parameters  # noqa: F401  (re-exported)
 
 # Blocks per stage for each supported depth (He et al. 2016; timm resnet18/34/50).
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
@@ -253,11 +254,6 @@ class ResNetEncoder(nn.Module):
             f"depth={self.depth}, in_channels={self.in_channels}, cond_dim={self.cond_dim}, "
             f"base_width={self.base_width}, drop_path_rate={self.drop_path_rate}"
         )
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (BN running statistics are buffers and are not counted, as in timm)."""
-    return sum(p.numel() for p in module.parameters())
 
 
 __all__ = ["BasicBlock", "Bottleneck", "DropPath", "FeatureMasking", "ResNetEncoder", "count_parameters"]

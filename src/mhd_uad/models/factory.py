@@ -101,7 +101,7 @@ def parameter_table(params) -> list[tuple[str, int]]:
     """(network, parameter count) for `mhd-uad summary`."""
     import torch
 
-    from mhd_uad.models.unet import count_parameters
+    from mhd_uad.models import count_parameters
 
     with torch.device("meta"):
         unet, encoder = build_unet(params), build_encoder(params)

@@ -26,13 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhd_uad.errors import ConfigError
+from mhd_uad.models import count_parameters  # noqa: F401  (re-exported)
 
-__all__ = ["UNet", "count_parameters", "timestep_embedding"]
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of scalar parameters in ``module`` (shared tensors counted once)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+__all__ = ["UNet", "count_parameters", "timestep_embedding"]  # count_parameters re-exported
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from mhd_uad.data.preprocess import from_slices as from_slices_first
+from mhd_uad.data.preprocess import to_slices as to_slices_first
 from mhd_uad.errors import MhdUadError
 from mhd_uad.scoring.mahalanobis import diagonal_mahalanobis, pixelwise_mahalanobis
 from mhd_uad.scoring.ssim import ssim_map_3d
@@ -48,16 +50,6 @@ SCORERS: tuple[str, ...] = ("mhd", "single", "mean", "dmhd", "nocov", "l1")
 
 _MEDIAN_SIZE = 5  # §4.6: 3-D median filter 5×5×5
 _EROSION_DIVISOR = 25  # §4.6: iterations = W // 25
-
-
-def to_slices_first(volume_xyz: np.ndarray) -> np.ndarray:
-    """[X,Y,Z] (axial slices on the last axis, NIfTI order) -> [Z,X,Y] = [S,H,W]. Works for [N,X,Y,Z] too."""
-    return np.moveaxis(np.asarray(volume_xyz), -1, -3)
-
-
-def from_slices_first(volume_shw: np.ndarray) -> np.ndarray:
-    """Inverse of `to_slices_first`: [S,H,W] -> [H,W,S] (= [X,Y,Z])."""
-    return np.moveaxis(np.asarray(volume_shw), -3, -1)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
