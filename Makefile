@@ -21,11 +21,12 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP) ## create .venv and install the locked dependencies and the package
 
-data: | $(STAMP)
-	$(BIN)/mhd-uad demo-data --out data --seed 0
-
 demo: $(STAMP) ## generate the demo data when absent, then run the whole DVC pipeline
-	@test -d data || $(BIN)/mhd-uad demo-data --out data --seed 0
+	@if [ ! -d data ]; then \
+	  $(BIN)/mhd-uad demo-data --out data --seed 0 && \
+	  $(BIN)/dvc commit -q -f data.dvc && \
+	  { git diff --quiet -- data.dvc || echo "warning: the generated data differ from the committed data.dvc"; }; \
+	fi
 	$(BIN)/dvc repro
 	$(BIN)/mhd-uad report --readme README.md
 	$(BIN)/dvc status

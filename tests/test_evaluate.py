@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # real fits and evaluations: run by `make test`, 
 
 FAST = ["pretrain.max_steps=2", "train.max_steps=3", "train.warmup_steps=1", "data.slices_per_volume=2",
         "pretrain.batch_size=4", "train.batch_size=4", "mhd.num_reconstructions=3",
-        "evaluate.scorers=[mhd,single,nocov,l1]"]
+        "evaluate.scorers=[mhd,single,nocov,l1]", "train.val_every_n_epochs=1"]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 REDUCED = [
     "splits.num_folds=1", "pretrain.max_steps=4", "train.max_steps=6", "train.warmup_steps=2",
     "pretrain.batch_size=8", "train.batch_size=8", "mhd.num_reconstructions=3", "trainer.log_every_n_steps=2",
+    "train.val_every_n_epochs=1",
 ]
 DATASETS = ("Brats21", "MSLUB", "ATLAS_v2", "WMH")
 

@@ -137,3 +137,14 @@ def test_splits_stage_names_a_missing_scan_and_leaves_no_output(tiny_data, demo_
         build_splits_stage(data, tmp_path / "splits", SplitSettings.from_params(demo_params))
     assert victim.name in str(err.value) and "missing" in str(err.value)
     assert not (tmp_path / "splits").exists()
+
+
+def test_a_missing_modality_folder_is_named(tiny_data, demo_params, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.rmtree(data / "Test" / "MSLUB" / "t2")
+    with pytest.raises(InputFileError, match="need at least 2 T2 scans of MSLUB") as err:
+        build_splits_stage(data, tmp_path / "splits", SplitSettings.from_params(demo_params))
+    assert str(data / "Test" / "MSLUB" / "t2") in str(err.value)

@@ -22,7 +22,8 @@ from mhd_uad.training import (
 pytestmark = pytest.mark.slow  # real fits and evaluations: run by `make test`, not `make test-fast`
 
 FAST = ["pretrain.max_steps=3", "train.max_steps=4", "train.warmup_steps=1", "data.slices_per_volume=2",
-        "pretrain.batch_size=4", "train.batch_size=4", "trainer.log_every_n_steps=1"]
+        "pretrain.batch_size=4", "train.batch_size=4", "trainer.log_every_n_steps=1",
+        "train.val_every_n_epochs=1"]
 
 
 @pytest.fixture(scope="module")

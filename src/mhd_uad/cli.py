@@ -146,6 +146,13 @@ def cmd_summary(args) -> None:
     Console().print(table)
 
 
+def cmd_plots(args) -> None:
+    from mhd_uad.evaluation.plots import render_plots
+
+    out = render_plots(".", args.out, args.base)
+    log.info("plots rendered to %s", out)
+
+
 def cmd_check_lock(args) -> None:
     from mhd_uad.lockcheck import check_lock
 
@@ -226,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score, needs_models=True)
     with_overrides(sub.add_parser("summary", help="print each network of the profile with its parameter count")
                    ).set_defaults(func=cmd_summary, needs_models=True)
+    p = sub.add_parser("plots", help="render plots/ (loss and PR curves) to PNG offline, optionally against a REV")
+    p.add_argument("--base", default=None, metavar="REV", help="overlay the plots of this git revision, dashed")
+    p.add_argument("--out", default="reports/plots", help="output folder (default reports/plots)")
+    p.set_defaults(func=cmd_plots)
     sub.add_parser("check-lock", help="fail when dvc.lock is stale for params, code or metrics (no data needed)"
                    ).set_defaults(func=cmd_check_lock)
     with_overrides(sub.add_parser("params", help="compose conf/ (with overrides) into params.yaml")

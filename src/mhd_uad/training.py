@@ -267,7 +267,8 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".", callback
     max_steps = int(t.max_steps)
     module = CDDPMModule(build_cddpm(params, encoder=encoder), optimizer=str(t.optimizer), lr=float(t.lr),
                          weight_decay=float(t.weight_decay), lr_schedule=str(t.lr_schedule),
-                         warmup_steps=int(t.warmup_steps), total_steps=max_steps if max_steps > 0 else None)
+                         warmup_steps=int(t.warmup_steps), total_steps=max_steps if max_steps > 0 else None,
+                         ema_decay=float(t.ema_decay))
     stage = f"train@{modality}-fold{fold}"
     encoder_file = root / "models" / modality / "encoder.pt"
     best, summary = fit(stage, module, _datamodule(params, modality, fold, int(t.batch_size), augment=True),
@@ -277,7 +278,7 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".", callback
                         callbacks=callbacks)
     out = root / "models" / modality / f"fold{fold}" / "cddpm.ckpt"
     meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **summary}
-    save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, "model."))
+    save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, module.exported_prefix))
     finish(stage, root, summary["mlflow_run_id"], out)
     return out
 

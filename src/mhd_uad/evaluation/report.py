@@ -15,7 +15,7 @@ from mhd_uad.io import atomic_write_text
 README_START = "<!-- results:start (written by `mhd-uad report --readme`; do not edit) -->"
 README_END = "<!-- results:end -->"
 SCORER_LABELS = {
-    "mhd": "MHD (full covariance)", "dmhd": "dMHD (diagonal)", "nocov": "|x − μ| in place of MHD",
+    "mhd": "MHD (full covariance)", "dmhd": "dMHD (diagonal)", "nocov": "\\|x − μ\\| in place of MHD",
     "mean": "mean reconstruction", "single": "single reconstruction", "l1": "cDDPM L1 + post-processing",
 }
 

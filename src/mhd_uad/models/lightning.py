@@ -19,11 +19,28 @@ class CDDPMModule(_SliceModule):
     """x0-prediction L1 training of the cDDPM (method.md §3.1, §3.5); the encoder trains jointly."""
 
     def __init__(self, model, optimizer: str = "adam", lr: float = 1e-4, weight_decay: float = 0.0,
-                 lr_schedule: str = "constant", warmup_steps: int = 0, total_steps: int | None = None):
+                 lr_schedule: str = "constant", warmup_steps: int = 0, total_steps: int | None = None,
+                 ema_decay: float = 0.0):
         super().__init__()
         self.model = model
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.lr_schedule, self.warmup_steps, self.total_steps = lr_schedule, warmup_steps, total_steps
+        # An exponential moving average of the weights (off in the paper profile: the original has none);
+        # when on, validation and the exported checkpoint use the averaged weights.
+        self.ema = None
+        if ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+
+    @property
+    def exported_prefix(self) -> str:
+        """State-dict prefix of the weights that the stage exports (the EMA copy when there is one)."""
+        return "ema.module." if self.ema is not None else "model."
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
 
     def training_step(self, batch, batch_idx):
         loss, _ = self.model.training_loss(batch["image"])
@@ -31,7 +48,8 @@ class CDDPMModule(_SliceModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, _ = self.model.training_loss(batch["image"], generator=self._val_generator(batch_idx))
+        model = self.ema.module if self.ema is not None else self.model
+        loss, _ = model.training_loss(batch["image"], generator=self._val_generator(batch_idx))
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
