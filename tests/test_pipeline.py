@@ -114,7 +114,7 @@ def test_a_param_change_without_repro_makes_check_lock_fail(repo):
     (repo / "params.yaml").write_text(params.replace("ridge: 0.01", "ridge: 0.1"))
     try:
         stale = mhd(repo, "check-lock", check=False)
-        assert stale.returncode == 2 and "param mhd.ridge modified" in stale.stderr
+        assert stale.returncode == 2 and "evaluate@WMH: param mhd modified" in stale.stderr
     finally:
         (repo / "params.yaml").write_text(params)
 
