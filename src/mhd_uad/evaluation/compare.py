@@ -25,25 +25,23 @@ def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
 
 
+def files_at(rev: str | None, root: Path, folder: str, suffix: str) -> dict[str, str]:
+    """{path relative to root: text} of the files under `folder` ending in `suffix`, in the workspace
+    (rev None) or at a git revision (an absent folder gives {})."""
+    if rev is None:
+        return {str(p.relative_to(root)): p.read_text(encoding="utf-8")
+                for p in sorted((root / folder).rglob(f"*{suffix}")) if p.is_file()}
+    listing = _git(["ls-tree", "-r", "--name-only", rev, "--", folder], root)
+    return {name: _git(["show", f"{rev}:{name}"], root).stdout
+            for name in listing.stdout.split() if name.endswith(suffix)}
+
+
 def metrics_at(rev: str | None, root: Path, metrics_dir: str = "metrics") -> dict[str, dict] | None:
     """{dataset: metrics} at a git revision (None: the workspace); None when the revision has no metrics."""
-    if rev is None:
-        folder = root / metrics_dir
-        if not folder.is_dir():
-            return None
-        files = {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.json"))
-                 if p.name not in NOT_DATASETS}
-    else:
-        if _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], root).returncode != 0:
-            raise MhdUadError(f"unknown git revision {rev!r}")
-        listing = _git(["ls-tree", "--name-only", f"{rev}:{metrics_dir}"], root)
-        if listing.returncode != 0:
-            return None
-        files = {}
-        for name in listing.stdout.split():
-            if name.endswith(".json") and name not in NOT_DATASETS:
-                shown = _git(["show", f"{rev}:{metrics_dir}/{name}"], root)
-                files[name] = shown.stdout
+    if rev is not None and _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], root).returncode != 0:
+        raise MhdUadError(f"unknown git revision {rev!r}")
+    files = {Path(path).name: text for path, text in files_at(rev, root, metrics_dir, ".json").items()
+             if Path(path).parent == Path(metrics_dir) and Path(path).name not in NOT_DATASETS}
     out = {}
     for name, text in files.items():
         try:

@@ -10,30 +10,15 @@ from __future__ import annotations
 import csv
 import html
 import io
-import subprocess
 from pathlib import Path
 
+from mhd_uad.evaluation.compare import files_at
 from mhd_uad.io import atomic_path, atomic_write_text
 
 
 def _read_csv(text: str) -> dict[str, list[float]]:
     rows = list(csv.DictReader(io.StringIO(text)))
     return {k: [float(r[k]) for r in rows if r[k] not in ("", None)] for k in (rows[0] if rows else {})}
-
-
-def _files(rev: str | None, root: Path) -> dict[str, str]:
-    """{path under plots/: CSV text} in the workspace or at a git revision."""
-    if rev is None:
-        return {str(p.relative_to(root)): p.read_text(encoding="utf-8") for p in sorted((root / "plots").rglob("*.csv"))}
-    listing = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "plots"], cwd=root, capture_output=True,
-                             text=True)
-    out = {}
-    for name in listing.stdout.split():
-        if name.endswith(".csv"):
-            shown = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=root, capture_output=True, text=True)
-            if shown.returncode == 0:
-                out[name] = shown.stdout
-    return out
 
 
 def render_plots(root: str | Path = ".", out_dir: str | Path = "reports/plots", base: str | None = None) -> Path:
@@ -43,7 +28,7 @@ def render_plots(root: str | Path = ".", out_dir: str | Path = "reports/plots", 
     import matplotlib.pyplot as plt
 
     root, out_dir = Path(root), Path(out_dir)
-    new, old = _files(None, root), (_files(base, root) if base else {})
+    new, old = files_at(None, root, "plots", ".csv"), (files_at(base, root, "plots", ".csv") if base else {})
     groups: dict[str, list[str]] = {}
     for name in sorted(set(new) | set(old)):
         groups.setdefault(str(Path(name).parent), []).append(name)
