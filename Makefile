@@ -34,7 +34,7 @@ demo: $(STAMP) ## generate the demo data when absent, then run the whole DVC pip
 test: $(STAMP) ## lint, workflow lint, unit tests and the end-to-end pipeline test (what CI runs)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/actionlint .github/workflows/*.yml
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q --durations=10
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q --durations=10
 
 test-fast: $(STAMP) ## unit tests only (the inner loop)
 	$(BIN)/python -m pytest -q -m "not slow"

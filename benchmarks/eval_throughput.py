@@ -22,8 +22,8 @@ import torch
 
 from mhd_uad.config import compose
 from mhd_uad.models.factory import build_cddpm
+from mhd_uad.models.inference import MhdSettings, reconstruct_volume
 from mhd_uad.scoring.anomaly_maps import anomaly_maps
-from mhd_uad.scoring.pipeline import MhdSettings, reconstruct_volume
 
 REPO = Path(__file__).resolve().parents[1]
 

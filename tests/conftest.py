@@ -1,13 +1,18 @@
-"""Shared fixtures: composed params and a tiny dataset in the real layout (ellipsoid brains, spherical lesions).
+"""Shared fixtures: composed params, the shrunk params of every fit, a tiny dataset in the real layout
+(ellipsoid brains, spherical lesions), and one tiny trained model shared by the training, evaluation and
+score tests.
 
 The tiny layout is independent of the demo generator so loader and preprocessing tests stay fast and
-exercise the same code paths as real data.
+exercise the same code paths as real data. The tiny model is trained once per test session, also
+under pytest-xdist: the first worker that needs it trains it into the session's shared temporary folder
+under a file lock, the others wait and read it (`make test` runs `-n 2 --dist loadfile`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,11 @@ from mhd_uad.io import save_nifti
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_SPLITS = Path(os.environ.get("MHD_UAD_FIXTURE_SPLITS", REPO.parent / "shared" / "fixtures" / "original-splits"))
 TEST_SETS = {"Brats21": "t2", "MSLUB": "t2", "ATLAS_v2": "t1", "WMH": "t1"}
+
+# Every fit in the tests runs with these: a few steps, small batches, a validation every epoch, N = 3.
+SHRUNK = ["pretrain.max_steps=3", "train.max_steps=4", "train.warmup_steps=1", "data.slices_per_volume=2",
+          "pretrain.batch_size=4", "train.batch_size=4", "trainer.log_every_n_steps=1",
+          "train.val_every_n_epochs=1", "mhd.num_reconstructions=3"]
 
 
 def _ellipsoid(shape, centre, radii):
@@ -47,11 +57,9 @@ def make_tiny_layout(root: Path, n_healthy: int = 8, n_test: int = 3, shape=(40,
                      seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for i in range(n_healthy):
-        sub_rng = np.random.default_rng([seed, i])
-        for modality in ("t1", "t2"):
+        for modality in ("t1", "t2"):  # the same subject in both contrasts
             write_scan(root, "Train/ixi", f"IXI{i:03d}-Tiny-{i:04d}", modality, np.random.default_rng([seed, i]),
                        shape, voxel, lesion=False)
-        del sub_rng
     for dataset, modality in TEST_SETS.items():
         for i in range(n_test):
             write_scan(root, f"Test/{dataset}", f"{dataset}_case{i:02d}", modality, rng, shape, voxel, lesion=True)
@@ -96,3 +104,56 @@ def make_workdir(root: Path, data: Path) -> Path:
     (root / "conf").symlink_to(REPO / "conf")
     shutil.copytree(data, root / "data")
     return root
+
+
+def shrunk_params(*extra: str, root: Path = REPO):
+    """conf/ composed with SHRUNK and any further overrides."""
+    from mhd_uad.config import compose
+
+    return compose([*SHRUNK, *extra], root)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    root: Path  # a project folder: conf/, data/, artifacts/{splits,prepared}, models/, mlflow.db
+    params: object
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, worker_id) -> TinyModel:
+    """SparK-pretrained encoders and fold-0 cDDPMs for T1 and T2 (SHRUNK), trained once per session.
+
+    Tests read it and never change it: a test that needs to alter models or data works on `copy_project`."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root, done = shared / "tiny_model", shared / "tiny_model.done"
+    with FileLock(str(shared / "tiny_model.lock")):
+        if not done.exists():
+            _train_tiny_model(root)
+            done.touch()
+    return TinyModel(root, shrunk_params())
+
+
+def _train_tiny_model(root: Path) -> None:
+    from mhd_uad.training import run_pretrain, run_train
+
+    shutil.rmtree(root, ignore_errors=True)
+    make_workdir(root, make_tiny_layout(root.parent / "tiny_model_data"))
+    params = shrunk_params()
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        run_data_stages(root / "data", root / "artifacts", params, only=["IXI_t1", "IXI_t2", "MSLUB_t2"])
+        for modality in ("t1", "t2"):
+            run_pretrain(params, modality)
+            run_train(params, modality, 0)
+    finally:
+        mp.undo()
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """A private copy of a project folder (conf/ stays a link; the MLflow store is not copied)."""
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db"))
+    return dest

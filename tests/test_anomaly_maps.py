@@ -8,15 +8,14 @@ import torch
 from scipy import ndimage
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from mhd_uad.data.geometry import from_slices, to_slices
 from mhd_uad.errors import MhdUadError
 from mhd_uad.scoring.anomaly_maps import (
     SCORERS,
     anomaly_maps,
     connected_component_filter,
     eroded_brain_mask,
-    from_slices_first,
     normalise_min_max,
-    to_slices_first,
 )
 from mhd_uad.scoring.mahalanobis import diagonal_mahalanobis, pixelwise_mahalanobis
 from mhd_uad.scoring.ssim import gaussian_window_1d, ssim_map_3d
@@ -271,9 +270,9 @@ def test_bad_arguments_raise():
 
 def test_helpers():
     v = np.arange(24, dtype=np.float32).reshape(2, 3, 4)  # [X,Y,Z]
-    shw = to_slices_first(v)
+    shw = to_slices(v)
     assert shw.shape == (4, 2, 3)
     np.testing.assert_array_equal(shw[1], v[:, :, 1])
-    np.testing.assert_array_equal(from_slices_first(shw), v)
+    np.testing.assert_array_equal(from_slices(shw), v)
     np.testing.assert_array_equal(normalise_min_max(np.full((2, 2), 3.0)), 0.0)
     np.testing.assert_allclose(normalise_min_max(np.array([1.0, 2.0, 5.0])), [0.0, 0.25, 1.0])

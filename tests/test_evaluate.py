@@ -1,5 +1,6 @@
-"""The evaluate stage and the score command on the tiny layout with a briefly trained T2 model."""
+"""The evaluate stage and the score command on the tiny layout with the shared tiny T2 model."""
 
+import csv
 import json
 import shutil
 import subprocess
@@ -8,65 +9,89 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, make_workdir, run_data_stages, write_scan
-from mhd_uad.config import compose
-from mhd_uad.evaluation.evaluate import run_evaluate
-from mhd_uad.io import load_nifti
-from mhd_uad.training import run_pretrain, run_train
+from conftest import REPO, SHRUNK, copy_project, write_scan
+from mhd_uad.evaluation import evaluate
+from mhd_uad.io import load_nifti, save_nifti
+from mhd_uad.scoring.anomaly_maps import SCORERS
 
-pytestmark = pytest.mark.slow  # real fits and evaluations: run by `make test`, not `make test-fast`
-
-FAST = ["pretrain.max_steps=2", "train.max_steps=3", "train.warmup_steps=1", "data.slices_per_volume=2",
-        "pretrain.batch_size=4", "train.batch_size=4", "mhd.num_reconstructions=3",
-        "evaluate.scorers=[mhd,single,nocov,l1]", "train.val_every_n_epochs=1"]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    root = make_workdir(tmp_path_factory.mktemp("eval") / "work", tiny_data)
-    params = compose(FAST, REPO)
+def evaluated(tiny_model, tmp_path_factory):
+    """evaluate@MSLUB run once on a copy of the tiny model's project, counting every scan scored."""
+    root = copy_project(tiny_model.root, tmp_path_factory.mktemp("evaluate") / "work")
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    run_data_stages(root / "data", root / "artifacts", params, only=["IXI_t2", "MSLUB_t2"])
-    run_pretrain(params, "t2")
-    run_train(params, "t2", 0)
-    yield root, params
-    mp.undo()
+    scored = []
+    original = evaluate.score_volume
+
+    def counting(model, image, mask, settings, scan, *args, **kwargs):
+        scored.append(scan)
+        return original(model, image, mask, settings, scan, *args, **kwargs)
+
+    mp.setattr(evaluate, "score_volume", counting)
+    try:
+        out = evaluate.run_evaluate(tiny_model.params, "MSLUB", root)
+    finally:
+        mp.undo()
+    return root, json.loads(out.read_text()), scored
 
 
-def test_evaluate_writes_metrics_plots_gallery_and_maps_in_source_space(trained):
-    root, params = trained
-    out = run_evaluate(params, "MSLUB", root)
-    metrics = json.loads(out.read_text())
-    assert set(metrics) == {"mhd", "single", "nocov", "l1", "volumes"}
-    for block in ("mhd", "single", "nocov", "l1"):
+def test_evaluate_writes_metrics_plots_gallery_and_maps_in_source_space(evaluated):
+    root, metrics, _ = evaluated
+    assert set(metrics) == {*SCORERS, "volumes"}
+    volumes = metrics["volumes"]
+    for block in SCORERS:
         assert 0 <= metrics[block]["auprc"] <= 1 and 0 <= metrics[block]["auroc"] <= 1
-        assert metrics[block]["n_volumes"] == metrics["volumes"]["n_test"]
+        assert metrics[block]["n_volumes"] == volumes["n_test"] - volumes["n_without_lesion"]
         assert all(isinstance(v, int | float) or v is None for v in metrics[block].values())
-    assert 0 <= metrics["volumes"]["mhd_beats_single"] <= metrics["volumes"]["n_test"]
     rows = (root / "plots" / "MSLUB" / "pr_mhd.csv").read_text().splitlines()
     assert rows[0] == "threshold,recall,precision" and 2 <= len(rows) <= 201
     assert (root / "reports" / "gallery" / "MSLUB.png").read_bytes()[:4] == b"\x89PNG"
     maps = sorted((root / "artifacts" / "maps" / "MSLUB").glob("*_mhd.nii.gz"))
-    assert len(maps) == metrics["volumes"]["n_test"]
+    assert len(maps) == volumes["n_test"]
     for path in maps:
         name = path.name.removesuffix("_mhd.nii.gz")
         amap, affine = load_nifti(path)
         src, src_affine = load_nifti(root / "data" / "Test" / "MSLUB" / "t2" / f"{name}_t2.nii.gz")
+        brain = load_nifti(root / "data" / "Test" / "MSLUB" / "mask" / f"{name}_mask.nii.gz")[0] > 0
         assert amap.shape == src.shape
         np.testing.assert_allclose(affine, src_affine)
-        assert amap.max() > 0
+        assert amap.max() > 0 and not amap[~brain].any()
+
+
+def test_win_counts_and_means_agree_with_the_per_volume_results(evaluated):
+    root, metrics, _ = evaluated
+    with (root / "artifacts" / "eval" / "MSLUB" / "per_volume.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == metrics["volumes"]["n_test"] * metrics["volumes"]["n_folds"]
+    mhd, single = (np.array([float(r[f"{s}_auprc"]) for r in rows]) for s in ("mhd", "single"))
+    assert metrics["volumes"]["mhd_beats_single"] == int(np.sum(mhd[np.isfinite(mhd)] > single[np.isfinite(mhd)]))
+    assert metrics["mhd"]["auprc"] == pytest.approx(np.nanmean(mhd))
+    assert metrics["single"]["auprc_std"] == pytest.approx(np.nanstd(single))
+    # the stage's scratch volumes are gone; only the per-volume table stays
+    assert sorted(p.name for p in (root / "artifacts" / "eval" / "MSLUB").iterdir()) == ["per_volume.csv"]
+
+
+def test_each_scan_is_scored_once_per_fold_and_the_gallery_needs_no_second_pass(evaluated):
+    _, metrics, scored = evaluated
+    volumes = metrics["volumes"]
+    assert len(scored) == (volumes["n_val"] + volumes["n_test"]) * volumes["n_folds"]
 
 
 def _score(root, *args):
-    return subprocess.run([sys.executable, "-m", "mhd_uad.cli", "score", *args, *FAST], cwd=root,
+    return subprocess.run([sys.executable, "-m", "mhd_uad.cli", "score", *args, *SHRUNK], cwd=root,
                           capture_output=True, text=True)
 
 
-def test_score_a_new_scan_of_another_shape_and_affine(trained, tmp_path):
-    root, _ = trained
+def test_score_a_new_scan_of_another_shape_and_affine(tiny_model, tmp_path):
+    root = tmp_path / "project"
+    (root / "models").mkdir(parents=True)
+    (root / "conf").symlink_to(REPO / "conf")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copytree(tiny_model.root / "models" / "t2", root / "models" / "t2")
     rng = np.random.default_rng(3)
     write_scan(tmp_path, "new", "scan", "t2", rng, (70, 66, 54), 2.5, lesion=True, origin=(-80.0, -90.0, -60.0))
     scan, mask = tmp_path / "new/t2/scan_t2.nii.gz", tmp_path / "new/mask/scan_mask.nii.gz"
@@ -84,9 +109,9 @@ def test_score_a_new_scan_of_another_shape_and_affine(trained, tmp_path):
                    "--checkpoint", "models/t2/fold0/cddpm.ckpt")
     assert wrong.returncode == 2 and "trained on 't2', not 't1'" in wrong.stderr and "Traceback" not in wrong.stderr
     assert not (tmp_path / "x.nii.gz").exists()
+    missing = _score(root, str(scan), "--mask", str(mask), "--modality", "t1", "--out", str(tmp_path / "z.nii.gz"))
+    assert missing.returncode == 2 and "no trained T1 model" in missing.stderr
     data, aff = load_nifti(mask)
-    from mhd_uad.io import save_nifti
-
     save_nifti(tmp_path / "small_mask.nii.gz", data[:-3], aff)
     bad = _score(root, str(scan), "--mask", str(tmp_path / "small_mask.nii.gz"), "--modality", "t2",
                  "--out", str(tmp_path / "y.nii.gz"))

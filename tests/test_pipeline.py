@@ -16,15 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHRUNK
 
 pytestmark = pytest.mark.slow
 
-REDUCED = [
-    "splits.num_folds=1", "pretrain.max_steps=4", "train.max_steps=6", "train.warmup_steps=2",
-    "pretrain.batch_size=8", "train.batch_size=8", "mhd.num_reconstructions=3", "trainer.log_every_n_steps=2",
-    "train.val_every_n_epochs=1",
-]
+REDUCED = [*SHRUNK, "splits.num_folds=1"]
 DATASETS = ("Brats21", "MSLUB", "ATLAS_v2", "WMH")
 
 
@@ -107,6 +103,23 @@ def test_experiment_with_an_mhd_param_reruns_only_evaluation_and_report_sees_it(
         assert f"### {dataset}" in report
     run(repo, "git", "checkout", "-q", "--", ".")
     dvc(repo, "checkout", "-q")
+
+
+def _status_after_touching(repo: Path, rel: str) -> set[str]:
+    path = repo / rel
+    original = path.read_text()
+    path.write_text(original + "\n# touched\n")
+    try:
+        return set(json.loads(dvc(repo, "status", "--json").stdout or "{}"))
+    finally:
+        path.write_text(original)
+
+
+def test_touching_inference_code_reruns_only_evaluation_and_the_score_command_reruns_nothing(repo):
+    assert _status_after_touching(repo, "src/mhd_uad/models/inference.py") == {f"evaluate@{d}" for d in DATASETS}
+    assert _status_after_touching(repo, "src/mhd_uad/evaluation/score.py") == set()
+    changed = _status_after_touching(repo, "src/mhd_uad/models/unet.py")
+    assert {"train@t1-0", "evaluate@WMH"} <= changed and "prepare" not in changed
 
 
 def test_a_param_change_without_repro_makes_check_lock_fail(repo):

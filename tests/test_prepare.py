@@ -47,14 +47,17 @@ def test_lesions_stay_inside_the_brain_and_healthy_scans_have_none(prepared):
     assert not np.asarray(PreparedSet.open(prepared / "IXI_t2").segs).any()
 
 
-def test_source_geometry_is_kept_for_writing_maps_back(prepared, tiny_data):
+def test_source_geometry_and_brain_mask_are_kept_for_writing_maps_back(prepared, tiny_data):
     ps = PreparedSet.open(prepared / "MSLUB_t2")
-    for scan in ps.index["scans"]:
+    for pos, scan in enumerate(ps.index["scans"]):
         data, affine = load_nifti(tiny_data / scan["key"])
-        assert tuple(scan["source_shape"]) == data.shape
-        np.testing.assert_allclose(scan["source_affine"], affine)
-        grid_affine = np.asarray(scan["grid_affine"])
-        np.testing.assert_allclose(np.abs(np.diag(grid_affine)[:3]), 3.0)
+        geometry = ps.geometry(pos)
+        assert geometry.source_shape == data.shape
+        assert geometry.grid_shape == (ps.images.shape[2], ps.images.shape[3], ps.images.shape[1])
+        np.testing.assert_allclose(geometry.source_affine, affine)
+        np.testing.assert_allclose(np.abs(np.diag(geometry.grid_affine)[:3]), 3.0)
+        mask_path = str(tiny_data / scan["key"]).replace("/t2/", "/mask/").replace("_t2.nii.gz", "_mask.nii.gz")
+        np.testing.assert_array_equal(ps.source_mask(pos), load_nifti(mask_path)[0] > 0)
 
 
 def test_different_source_grids_give_the_same_model_grid(tmp_path, demo_params):
@@ -67,7 +70,7 @@ def test_different_source_grids_give_the_same_model_grid(tmp_path, demo_params):
         out.append(preprocess_scan(base / "t1/case_t1.nii.gz", base / "mask/case_mask.nii.gz",
                                    base / "seg/case_seg.nii.gz", settings))
     assert out[0].image.shape == out[1].image.shape == (settings.grid[2], settings.grid[0], settings.grid[1])
-    assert out[0].source_shape != out[1].source_shape
+    assert out[0].geometry.source_shape != out[1].geometry.source_shape
 
 
 # ---- bad inputs: one clear error naming the file, nothing half-written ------------------------------------
@@ -114,15 +117,23 @@ def _rewrite(path, fn, affine_fn=lambda a: a):
     ("mask", lambda p: _rewrite(p, lambda d: d[:-1]), r"brain mask shape \(29, 32, 28\) does not match"),
     ("seg", lambda p: _rewrite(p, lambda d: d[:, :-2]), "segmentation shape"),
     ("seg", lambda p: _rewrite(p, lambda d: d, lambda a: a * np.diag([1, 1, 2, 1])), "segmentation affine"),
-    ("mask", lambda p: _rewrite(p, lambda d: d, lambda a: a + np.eye(4)[[3, 3, 3, 3]] * 0), None),
 ])
 def test_bad_scans_give_an_error_naming_the_file(tmp_path, demo_params, target, corrupt, match):
-    if match is None:  # an identical affine is fine: the control case
-        image, mask, seg = _scan(tmp_path)
-        corrupt(mask)
-        preprocess_scan(image, mask, seg, PrepareSettings.from_params(demo_params))
-        return
     _expect(tmp_path, demo_params, corrupt, target, match)
+
+
+def test_a_mask_affine_within_tolerance_is_accepted_and_changes_nothing(tmp_path, demo_params):
+    settings = PrepareSettings.from_params(demo_params)
+    image, mask, seg = _scan(tmp_path)
+    reference = preprocess_scan(image, mask, seg, settings)
+    _rewrite(mask, lambda d: d, lambda a: a + np.diag([1e-4, 0, 0, 0]))  # below the 1e-3 tolerance
+    nudged = preprocess_scan(image, mask, seg, settings)
+    np.testing.assert_array_equal(nudged.mask, reference.mask)
+    np.testing.assert_array_equal(nudged.image, reference.image)
+    _rewrite(mask, lambda d: d, lambda a: a + np.diag([1e-2, 0, 0, 0]))  # beyond it
+    with pytest.raises(InputFileError, match="brain mask affine") as err:
+        preprocess_scan(image, mask, seg, settings)
+    assert str(mask) in str(err.value)
 
 
 def test_gzip_written_nifti_is_deterministic(tmp_path):
@@ -163,11 +174,11 @@ def test_cli_rejects_unknown_params_keys_without_traceback(workdir):
     (workdir / "params.yaml").write_text(text)
     bad = _run_cli(["splits"], workdir)
     assert bad.returncode == 2 and "unknown params keys: sede" in bad.stderr and "Traceback" not in bad.stderr
-    bad = _run_cli(["splits", "prepare.grid=[1,2]"], workdir)
+    bad = _run_cli(["prepare", "prepare.grid=[1,2]"], workdir)  # each command checks the sections it reads
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
 def test_prepared_index_is_json_and_arrays_load_without_pickle(prepared):
     index = json.loads((prepared / "WMH_t1" / "index.json").read_text())
-    assert index["format_version"] == 1 and len(index["scans"]) == 3
+    assert index["format_version"] == 2 and len(index["scans"]) == 3
     np.load(prepared / "WMH_t1" / "images.npy", allow_pickle=False)

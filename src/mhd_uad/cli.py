@@ -19,22 +19,23 @@ from mhd_uad.errors import MhdUadError
 log = logging.getLogger("mhd_uad")
 
 
-def _params(args):
-    """Load params and check every section, so a bad value fails before any stage starts work."""
+def _params(args, *checks):
+    """Load params and run the command's checks, so a bad value fails before the stage starts work.
+
+    Each command imports its own checks: the modules a stage imports are its DVC deps (tests/test_dvc_deps.py)."""
     from mhd_uad.config import load_params
+
+    params = load_params(args.overrides)
+    for check in checks:
+        check(params)
+    return params
+
+
+def _data_checks():
     from mhd_uad.data.preprocess import PrepareSettings
     from mhd_uad.data.splits import SplitSettings
 
-    params = load_params(args.overrides)
-    SplitSettings.from_params(params)
-    PrepareSettings.from_params(params)
-    if getattr(args, "needs_models", False):
-        from mhd_uad.models.factory import validate_model_params
-        from mhd_uad.scoring.pipeline import MhdSettings
-
-        validate_model_params(params)
-        MhdSettings.from_params(params)
-    return params
+    return SplitSettings.from_params, PrepareSettings.from_params
 
 
 def cmd_demo_data(args) -> None:
@@ -56,7 +57,7 @@ def cmd_demo_data(args) -> None:
 def cmd_splits(args) -> None:
     from mhd_uad.data.splits import SplitSettings, build_splits_stage
 
-    params = _params(args)
+    params = _params(args, SplitSettings.from_params)
     out = Path(params.paths.artifacts) / "splits"
     files = build_splits_stage(params.paths.data, out, SplitSettings.from_params(params))
     log.info("wrote %d split lists to %s", len(files), out)
@@ -67,7 +68,7 @@ def cmd_prepare(args) -> None:
     from mhd_uad.data.preprocess import PrepareSettings
     from mhd_uad.data.splits import SplitSettings
 
-    params = _params(args)
+    params = _params(args, SplitSettings.from_params, PrepareSettings.from_params)
     artifacts = Path(params.paths.artifacts)
     sets = build_prepare_stage(artifacts / "splits", params.paths.data, artifacts / "prepared",
                                SplitSettings.from_params(params), PrepareSettings.from_params(params))
@@ -75,23 +76,27 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    from mhd_uad.models.factory import validate_model_params
     from mhd_uad.training import run_pretrain
 
-    out = run_pretrain(_params(args), args.modality)
+    out = run_pretrain(_params(args, *_data_checks(), validate_model_params), args.modality)
     log.info("encoder written to %s", out)
 
 
 def cmd_train(args) -> None:
+    from mhd_uad.models.factory import validate_model_params
     from mhd_uad.training import run_train
 
-    out = run_train(_params(args), args.modality, args.fold)
+    out = run_train(_params(args, *_data_checks(), validate_model_params), args.modality, args.fold)
     log.info("cDDPM checkpoint written to %s", out)
 
 
 def cmd_evaluate(args) -> None:
     from mhd_uad.evaluation.evaluate import run_evaluate
+    from mhd_uad.models.factory import validate_model_params
+    from mhd_uad.models.inference import MhdSettings
 
-    out = run_evaluate(_params(args), args.dataset)
+    out = run_evaluate(_params(args, *_data_checks(), validate_model_params, MhdSettings.from_params), args.dataset)
     log.info("metrics written to %s", out)
 
 
@@ -122,9 +127,12 @@ def cmd_report(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from mhd_uad.scoring.score import score_scan
+    from mhd_uad.evaluation.score import score_scan
+    from mhd_uad.models.factory import validate_model_params
+    from mhd_uad.models.inference import MhdSettings
 
-    result = score_scan(_params(args), args.scan, args.mask, args.out, modality=args.modality,
+    params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
+    result = score_scan(params, args.scan, args.mask, args.out, modality=args.modality,
                         checkpoints=args.checkpoint, threshold=args.threshold, out_mask=args.out_mask)
     log.info("anomaly map written to %s (max %.3g)%s", result["map"], result["max_score"],
              f"; lesion mask {result['out_mask']} with {result['lesion_voxels']} voxels" if args.out_mask else "")
@@ -134,9 +142,9 @@ def cmd_summary(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mhd_uad.models.factory import parameter_table
+    from mhd_uad.models.factory import parameter_table, validate_model_params
 
-    params = _params(args)
+    params = _params(args, validate_model_params)
     table = Table(title=f"networks of the `{params.profile_name}` profile "
                         f"(slices {params.prepare.grid[0]}×{params.prepare.grid[1]})")
     table.add_column("network")
@@ -207,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--modality", required=True, choices=["t1", "t2"])
         if name == "train":
             p.add_argument("--fold", required=True, type=int)
-        p.set_defaults(func=func, needs_models=True)
+        p.set_defaults(func=func)
     p = with_overrides(sub.add_parser("evaluate", help="stage: score a test set with every fold -> metrics/<set>.json"))
     p.add_argument("--dataset", required=True)
-    p.set_defaults(func=cmd_evaluate, needs_models=True)
+    p.set_defaults(func=cmd_evaluate)
     p = with_overrides(sub.add_parser(
         "report", help="stage: metrics/summary.json and reports/summary.md; with --base: metric deltas against REV"))
     p.add_argument("--readme", default=None, help="also rewrite this README's results block")
@@ -230,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cDDPM checkpoint(s) to use (default: the repository's folds for the modality)")
     p.add_argument("--threshold", type=float, default=None, help="write voxels with map > T as a lesion mask")
     p.add_argument("--out-mask", default=None, help="output lesion mask (NIfTI, uint8)")
-    p.set_defaults(func=cmd_score, needs_models=True)
+    p.set_defaults(func=cmd_score)
     with_overrides(sub.add_parser("summary", help="print each network of the profile with its parameter count")
-                   ).set_defaults(func=cmd_summary, needs_models=True)
+                   ).set_defaults(func=cmd_summary)
     p = sub.add_parser("plots", help="render plots/ (loss and PR curves) to PNG offline, optionally against a REV")
     p.add_argument("--base", default=None, metavar="REV", help="overlay the plots of this git revision, dashed")
     p.add_argument("--out", default="reports/plots", help="output folder (default reports/plots)")

@@ -95,6 +95,18 @@ def load_params(overrides: Sequence[str] = (), root: str | Path = ".") -> DictCo
     return OmegaConf.create(raw)
 
 
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become strings (MLflow params and diffs compare scalars)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value) if isinstance(value, list | tuple) else value
+    return out
+
+
 def to_plain(cfg: DictConfig | Mapping) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 

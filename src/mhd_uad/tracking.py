@@ -1,4 +1,6 @@
-"""MLflow in one place: the store, run tags, flattened params. mlflow is imported lazily (about 1.3 s).
+"""MLflow in one place: the store, run tags, the training logger, the evaluation and checkpoint records.
+
+No other module imports mlflow (a test checks it); mlflow is imported lazily (about 1.3 s).
 
 The default store is `mlflow.db` at the repository root, by absolute path: queued DVC experiments run in
 temporary copies of the repository (`.dvc/tmp/exps/...`), and a relative path would vanish with them.
@@ -7,11 +9,15 @@ temporary copies of the repository (`.dvc/tmp/exps/...`), and a relative path wo
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+
+from mhd_uad.config import flatten
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "mhd-uad"
 _TEMP_EXP_MARKER = os.sep.join(("", ".dvc", "tmp", "exps", ""))
@@ -50,18 +56,6 @@ def run_tags(stage: str) -> dict[str, str]:
     }
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists become strings (MLflow params are scalars)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = str(value) if isinstance(value, list | tuple) else value
-    return out
-
-
 def lightning_logger(stage: str, params: Mapping, run_id: str | None = None):
     """An MLFlowLogger on the project store: a new run named and tagged after the stage, with params
     logged, or (run_id) the run of an interrupted fit, continued."""
@@ -74,3 +68,34 @@ def lightning_logger(stage: str, params: Mapping, run_id: str | None = None):
                           tags=run_tags(stage), log_model=False)
     logger.log_hyperparams(flatten(params))
     return logger
+
+
+def record_checkpoint(run_id: str, checkpoint: Path) -> None:
+    """Tag a finished fit's run with the checkpoint it produced."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    client.set_tag(run_id, "checkpoint", str(checkpoint.resolve()))
+    client.log_param(run_id, "checkpoint_path", str(checkpoint))
+
+
+def log_evaluation(stage: str, params: Mapping, metrics: Mapping, artifacts: list[Path]) -> None:
+    """One MLflow run for an evaluation: flattened params, the finite numeric metrics, the files given.
+
+    A tracking failure is logged as a warning and never loses a finished evaluation."""
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri())
+        mlflow.set_experiment(EXPERIMENT)
+        with mlflow.start_run(run_name=stage, tags=run_tags(stage)):
+            flat = list(flatten(params).items())
+            for start in range(0, len(flat), 90):  # MLflow takes at most 100 params per call
+                mlflow.log_params(dict(flat[start:start + 90]))
+            mlflow.log_metrics({k.replace("/", "_"): v for k, v in flatten(metrics).items()
+                                if isinstance(v, int | float) and v == v and abs(v) != float("inf")})
+            for path in artifacts:
+                if Path(path).is_file():
+                    mlflow.log_artifact(str(path))
+    except Exception as exc:  # tracking must not lose a finished evaluation
+        log.warning("MLflow logging of %s failed: %s", stage, exc)

@@ -1,5 +1,8 @@
 """The `pretrain` and `train` stages: Lightning fits with resume, MLflow tracking and lean checkpoints.
 
+Only the fits live here; the checkpoint format and loading are models.checkpoint's, inference is
+models.inference's, so evaluation never imports the training stage.
+
 DVC deletes a stage's outs before running it, so the resume state lives outside them, in
 `artifacts/resume/<stage>/` (Lightning's last and best checkpoints, the loss curves so far, the MLflow run
 id, and a fingerprint of everything the fit depends on). A re-run with the same fingerprint continues
@@ -21,53 +24,18 @@ import lightning.pytorch as pl
 import torch
 
 from mhd_uad.config import to_plain
-from mhd_uad.errors import ConfigError, InputFileError
-from mhd_uad.io import atomic_path, atomic_write_text
+from mhd_uad.errors import ConfigError
+from mhd_uad.io import atomic_write_text
+from mhd_uad.models.checkpoint import (
+    CDDPM_FORMAT,
+    ENCODER_FORMAT,
+    cddpm_path,
+    encoder_path,
+    load_encoder_for,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
-
-CDDPM_FORMAT = "mhd-uad/cddpm"
-ENCODER_FORMAT = "mhd-uad/encoder"
-CHECKPOINT_VERSION = 1
-
-
-# ---- checkpoints --------------------------------------------------------------------------------------
-
-def save_checkpoint(path: str | Path, fmt: str, meta: dict, state_dict: dict | None) -> Path:
-    payload = {"format": fmt, "version": CHECKPOINT_VERSION, "meta": meta,
-               "state_dict": {k: v.detach().cpu().contiguous() for k, v in (state_dict or {}).items()}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
-
-
-def load_checkpoint(path: str | Path, fmt: str, *, what: str = "checkpoint") -> dict:
-    """Load a lean checkpoint with weights_only=True (no arbitrary pickle) and check its format."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"{what} not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or non-weights files
-        raise InputFileError(f"unreadable {what} ({type(exc).__name__}: {str(exc).splitlines()[0]})", path) from None
-    if not isinstance(payload, dict) or payload.get("format") != fmt:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise InputFileError(f"not an mhd-uad {what} (format {found!r}, expected {fmt!r})", path)
-    return payload
-
-
-def check_spec(path: Path, meta: dict, expected: dict, modality: str, what: str) -> None:
-    """A checkpoint from another profile, modality or network shape is refused before any training."""
-    if meta.get("modality") != modality:
-        raise ConfigError(f"{what} was trained on {meta.get('modality')!r}, not {modality!r}", path)
-    got = meta.get("spec", {})
-    if got.get("profile") != expected.get("profile"):
-        raise ConfigError(f"{what} comes from profile {got.get('profile')!r}, params select "
-                          f"{expected.get('profile')!r}", path)
-    diff = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-    if diff:
-        raise ConfigError(f"{what} does not match the params ({', '.join(diff)} differ): re-run its stage", path)
-
 
 # ---- shared fit machinery ------------------------------------------------------------------------------
 
@@ -171,13 +139,9 @@ def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, 
 
 def finish(stage: str, root: Path, logger_run_id: str, out: Path) -> None:
     """Record the output in MLflow and drop the resume state (the stage is complete)."""
-    from mlflow.tracking import MlflowClient
+    from mhd_uad.tracking import record_checkpoint
 
-    from mhd_uad.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri())
-    client.set_tag(logger_run_id, "checkpoint", str(out.resolve()))
-    client.log_param(logger_run_id, "checkpoint_path", str(out))
+    record_checkpoint(logger_run_id, out)
     shutil.rmtree(root / "artifacts" / "resume" / stage.replace("@", "_"), ignore_errors=True)
 
 
@@ -212,7 +176,7 @@ def run_pretrain(params, modality: str, root: str | Path = ".", callbacks=()) ->
     from mhd_uad.models.lightning import SparKModule
 
     root = Path(root)
-    out = root / "models" / modality / "encoder.pt"
+    out = encoder_path(root, modality)
     meta = {"modality": modality, "spec": encoder_spec(params), "pretrained": bool(params.pretrain.enabled)}
     if not params.pretrain.enabled:
         return save_checkpoint(out, ENCODER_FORMAT, meta, None)
@@ -229,27 +193,6 @@ def run_pretrain(params, modality: str, root: str | Path = ".", callbacks=()) ->
     save_checkpoint(out, ENCODER_FORMAT, {**meta, **summary}, state)
     finish(stage, root, summary["mlflow_run_id"], out)
     return out
-
-
-def load_encoder_for(params, modality: str, root: Path):
-    """A fresh encoder for the cDDPM, with SparK weights when the pretrain stage made them."""
-    from mhd_uad.models.factory import build_encoder, encoder_spec
-    from mhd_uad.models.spark import load_pretrained_encoder
-
-    path = root / "models" / modality / "encoder.pt"
-    payload = load_checkpoint(path, ENCODER_FORMAT, what="encoder checkpoint")
-    check_spec(path, payload["meta"], encoder_spec(params), modality, "encoder checkpoint")
-    encoder = build_encoder(params)
-    if payload["meta"].get("pretrained") and bool(params.pretrain.enabled):
-        try:
-            load_pretrained_encoder(encoder, payload["state_dict"])
-        except ConfigError as exc:
-            raise ConfigError(f"encoder checkpoint does not fit the params' encoder: {exc}", path) from None
-    elif bool(params.pretrain.enabled) != bool(payload["meta"].get("pretrained")):
-        raise ConfigError("encoder checkpoint was made with pretraining "
-                          f"{'on' if payload['meta'].get('pretrained') else 'off'}, params say "
-                          f"{'on' if params.pretrain.enabled else 'off'}: re-run the pretrain stage", path)
-    return encoder
 
 
 def run_train(params, modality: str, fold: int, root: str | Path = ".", callbacks=()) -> Path:
@@ -270,29 +213,14 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".", callback
                          warmup_steps=int(t.warmup_steps), total_steps=max_steps if max_steps > 0 else None,
                          ema_decay=float(t.ema_decay))
     stage = f"train@{modality}-fold{fold}"
-    encoder_file = root / "models" / modality / "encoder.pt"
+    encoder_file = encoder_path(root, modality)
     best, summary = fit(stage, module, _datamodule(params, modality, fold, int(t.batch_size), augment=True),
                         params, root=root, plots_dir=root / "plots" / "train" / f"{modality}-fold{fold}",
                         max_steps=max_steps, max_epochs=int(t.max_epochs),
                         depends_on=[modality, fold, hashlib.sha256(encoder_file.read_bytes()).hexdigest()],
                         callbacks=callbacks)
-    out = root / "models" / modality / f"fold{fold}" / "cddpm.ckpt"
+    out = cddpm_path(root, modality, fold)
     meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **summary}
     save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, module.exported_prefix))
     finish(stage, root, summary["mlflow_run_id"], out)
     return out
-
-
-def load_cddpm(params, path: str | Path, modality: str):
-    """The trained cDDPM of a checkpoint, checked against the params and modality, in eval mode."""
-    from mhd_uad.models.factory import build_cddpm, model_spec
-
-    path = Path(path)
-    payload = load_checkpoint(path, CDDPM_FORMAT, what="cDDPM checkpoint")
-    check_spec(path, payload["meta"], model_spec(params), modality, "cDDPM checkpoint")
-    model = build_cddpm(params)
-    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"cDDPM checkpoint does not fit the network ({len(missing)} missing, "
-                          f"{len(unexpected)} unexpected tensors)", path)
-    return model.eval(), payload["meta"]

@@ -4,8 +4,13 @@ artifacts/prepared/<set>_<modality>/
     images.npy   float32 [V, S, H, W]   preprocessed scans on the model grid
     masks.npy    uint8   [V, S, H, W]   brain masks
     segs.npy     uint8   [V, S, H, W]   lesion masks (zeros for healthy scans)
-    index.json   names, labels, keys (image path relative to the data root), source and grid geometry,
-                 and the preprocessing settings that made them
+    source_masks.npy  uint8 [B]        each scan's own brain mask (> 0) in its source grid, bit-packed
+                                        (np.packbits, C order) one after the other
+    index.json   names, labels, keys (image path relative to the data root), each scan's geometry
+                 (data.geometry.ScanGeometry) and source-mask offset, and the preprocessing settings
+
+The source brain masks make the set self-contained: maps go back to each scan's own space (zeroed outside
+its brain) without reading data/ again, so the evaluate stage depends on the prepared set alone.
 
 Training reads slices straight from the memory maps: no NIfTI decoding per epoch. Arrays are plain .npy,
 read with allow_pickle=False.
@@ -22,13 +27,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mhd_uad.data.geometry import ScanGeometry
 from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
 from mhd_uad.data.splits import IXI, MODALITIES, SPLIT_NAME, SplitSettings, read_split_csv
 from mhd_uad.errors import InputFileError
 from mhd_uad.io import replace_dir
 
 ARRAYS = ("images", "masks", "segs")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def prepared_name(set_name: str, modality: str) -> str:
@@ -62,6 +68,9 @@ class PreparedSet:
                 arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise InputFileError(f"unreadable prepared array ({exc})", path) from None
+        if index.get("format_version") != FORMAT_VERSION:
+            raise InputFileError(f"prepared with format {index.get('format_version')}, this version reads "
+                                 f"{FORMAT_VERSION}: re-run the `prepare` stage", index_path)
         n = len(index.get("scans", []))
         for name, arr in arrays.items():
             if arr.shape[0] != n or arr.ndim != 4:
@@ -78,6 +87,17 @@ class PreparedSet:
     @property
     def names(self) -> list[str]:
         return [s["img_name"] for s in self.index["scans"]]
+
+    def geometry(self, pos: int) -> ScanGeometry:
+        return ScanGeometry.from_dict(self.index["scans"][pos]["geometry"])
+
+    def source_mask(self, pos: int) -> np.ndarray:
+        """The scan's own brain mask (bool) in its source grid."""
+        record = self.index["scans"][pos]
+        shape = tuple(record["geometry"]["source_shape"])
+        start, stop = record["source_mask_bytes"]
+        packed = np.load(self.folder / "source_masks.npy", mmap_mode="r", allow_pickle=False)[start:stop]
+        return np.unpackbits(np.asarray(packed), count=int(np.prod(shape))).astype(bool).reshape(shape)
 
     def positions(self, frame: pd.DataFrame, source: str | Path) -> list[int]:
         """Positions of a split's scans (by `rel_img_path`) in this prepared set."""
@@ -123,25 +143,42 @@ def write_prepared_set(folder: Path, scans: pd.DataFrame, settings: PrepareSetti
         "masks": np.lib.format.open_memmap(folder / "masks.npy", mode="w+", dtype=np.uint8, shape=shape),
         "segs": np.lib.format.open_memmap(folder / "segs.npy", mode="w+", dtype=np.uint8, shape=shape),
     }
-    records = []
-    for i, row in enumerate(tqdm(scans.itertuples(index=False), total=len(scans), desc=desc, unit="scan")):
-        scan = preprocess_scan(row.img_path, row.mask_path, row.seg_path or None, settings)
-        if int(row.label) != 0 and not scan.seg.any():
-            raise InputFileError("lesioned scan has no lesion voxel on the model grid (empty segmentation)",
-                                 row.seg_path)
-        outs["images"][i], outs["masks"][i], outs["segs"][i] = scan.image, scan.mask, scan.seg
-        records.append({
-            "img_name": str(row.img_name), "label": int(row.label), "key": str(row.rel_img_path),
-            "source_shape": list(scan.source_shape), "source_affine": scan.source_affine.tolist(),
-            "grid_affine": scan.grid_affine.tolist(),
-            "brain_voxels": int(scan.mask.sum()), "lesion_voxels": int(scan.seg.sum()),
-        })
+    records, offset = [], 0
+    packed_part = folder / "source_masks.part"
+    with packed_part.open("wb") as packed:
+        for i, row in enumerate(tqdm(scans.itertuples(index=False), total=len(scans), desc=desc, unit="scan")):
+            scan = preprocess_scan(row.img_path, row.mask_path, row.seg_path or None, settings)
+            if int(row.label) != 0 and not scan.seg.any():
+                raise InputFileError("lesioned scan has no lesion voxel on the model grid (empty segmentation)",
+                                     row.seg_path)
+            outs["images"][i], outs["masks"][i], outs["segs"][i] = scan.image, scan.mask, scan.seg
+            bits = np.packbits(np.ascontiguousarray(scan.source_brain).ravel())
+            packed.write(bits.tobytes())
+            records.append({
+                "img_name": str(row.img_name), "label": int(row.label), "key": str(row.rel_img_path),
+                "geometry": scan.geometry.as_dict(), "source_mask_bytes": [offset, offset + bits.size],
+                "brain_voxels": int(scan.mask.sum()), "lesion_voxels": int(scan.seg.sum()),
+            })
+            offset += bits.size
     for arr in outs.values():
         arr.flush()
     del outs
+    _part_to_npy(packed_part, folder / "source_masks.npy", offset)
     index = {"format_version": FORMAT_VERSION, "axes": "scan, axial slice (Z), X, Y",
              "settings": settings.as_dict(), "scans": records}
     (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+
+
+def _part_to_npy(part: Path, out: Path, size: int, chunk: int = 1 << 26) -> None:
+    """A raw byte file -> a 1-D uint8 .npy, copied in chunks (the masks of a large set need not fit in RAM)."""
+    arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(size,))
+    with part.open("rb") as fh:
+        for start in range(0, size, chunk):
+            block = np.frombuffer(fh.read(chunk), dtype=np.uint8)
+            arr[start:start + block.size] = block
+    arr.flush()
+    del arr
+    part.unlink()
 
 
 def build_prepare_stage(

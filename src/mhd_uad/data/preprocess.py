@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mhd_uad.config import as_int_list, require
+from mhd_uad.data.geometry import ScanGeometry, to_slices, voxel_spacing
 from mhd_uad.errors import InputFileError
 from mhd_uad.io import check_same_geometry, load_nifti
 
@@ -61,13 +62,8 @@ class PreparedScan:
     image: np.ndarray  # float32 [S, H, W], [0, 1] (B-spline may over/undershoot slightly)
     mask: np.ndarray  # uint8 [S, H, W], brain mask
     seg: np.ndarray  # uint8 [S, H, W], lesion mask (>0 of the source labels); zeros for healthy scans
-    grid_affine: np.ndarray  # 4x4 voxel->world of the prepared volume in (X, Y, Z) voxel order
-    source_affine: np.ndarray
-    source_shape: tuple[int, int, int]
-
-
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    geometry: ScanGeometry  # the model grid and the source scan's own grid
+    source_brain: np.ndarray  # bool, the source scan's brain mask (> 0) in its own grid
 
 
 def curvature_flow(image: np.ndarray, spacing: np.ndarray, time_step: float, iterations: int) -> np.ndarray:
@@ -80,17 +76,6 @@ def curvature_flow(image: np.ndarray, spacing: np.ndarray, time_step: float, ite
     itk.SetSpacing([float(s) for s in spacing])
     out = sitk.CurvatureFlow(itk, timeStep=time_step, numberOfIterations=iterations)
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(np.float32, copy=False)
-
-
-def to_slices(volume_xyz: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) -> [S=Z, H=X, W=Y] (also [N, X, Y, Z] -> [N, S, H, W]), contiguous: one axial slice is one
-    contiguous block on disk. This is the axis convention of every [S, H, W] volume in the package."""
-    return np.ascontiguousarray(np.moveaxis(np.asarray(volume_xyz), -1, -3))
-
-
-def from_slices(volume_shw: np.ndarray) -> np.ndarray:
-    """[S, H, W] -> (X, Y, Z), the inverse of `to_slices`."""
-    return np.moveaxis(np.asarray(volume_shw), -3, -1)
 
 
 def preprocess_scan(
@@ -145,30 +130,8 @@ def preprocess_scan(
     out_seg = (subject["seg"].data[0].numpy() > 0).astype(np.uint8)
     if not out_mask.any():
         raise InputFileError("brain mask is empty after resampling to the model grid", mask_path)
-    return PreparedScan(
-        image=to_slices(out_image), mask=to_slices(out_mask), seg=to_slices(out_seg),
-        grid_affine=np.asarray(subject["image"].affine, dtype=np.float64),
-        source_affine=affine, source_shape=tuple(int(s) for s in image.shape),
-    )
-
-
-def to_source_space(volume_shw: np.ndarray, grid_affine: np.ndarray, source_shape, source_affine,
-                    source_mask: np.ndarray | None = None) -> np.ndarray:
-    """A map on the model grid ([S, H, W]) resampled (trilinear) into a scan's own grid and affine.
-
-    With `source_mask` the result is zeroed outside the scan's own brain mask (interpolation would
-    otherwise spread the map a voxel past the brain's edge)."""
-    import torch
-    import torchio as tio
-
-    image = tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(from_slices(volume_shw),
-                                                                         dtype=np.float32))[None],
-                            affine=np.asarray(grid_affine, dtype=np.float64))
-    target = (tuple(int(s) for s in source_shape), np.asarray(source_affine, dtype=np.float64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = tio.Resample(target, image_interpolation="linear")(image)
-    result = out.data[0].numpy().astype(np.float32)
-    if source_mask is not None:
-        result *= np.asarray(source_mask) > 0
-    return result
+    geometry = ScanGeometry(grid_shape=tuple(int(s) for s in out_image.shape),
+                            grid_affine=np.asarray(subject["image"].affine, dtype=np.float64),
+                            source_shape=tuple(int(s) for s in image.shape), source_affine=affine)
+    return PreparedScan(image=to_slices(out_image), mask=to_slices(out_mask), seg=to_slices(out_seg),
+                        geometry=geometry, source_brain=brain)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from mhd_uad.config import flatten
 from mhd_uad.errors import MhdUadError
 from mhd_uad.evaluation.report import SCORER_LABELS
-from mhd_uad.tracking import flatten
 
 MARKER = "<!-- mhd-uad-metrics-report -->"
 NOT_DATASETS = {"summary.json"}

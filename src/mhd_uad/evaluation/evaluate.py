@@ -1,18 +1,21 @@
 """The `evaluate@<dataset>` stage: every fold's cDDPM scores the set's val and test scans (method.md §5-6).
 
-Per fold: the Dice threshold of each scorer comes from the pooled voxels of the val split (10-step
-interval search); per-volume AUPRC, AUROC and Dice on the test split. Reported: mean over volumes and
-std over volumes (averaged over folds), and the std of the fold means. Scans with no lesion voxel on the
-model grid are counted and left out of AP/AUROC. Also written: PR curves (pooled test voxels, from
-histograms so no voxel list is kept), a PNG gallery (best, median, worst scan by mhd AUPRC), and each test
-scan's fold-mean mhd map as NIfTI in its source scan's space.
+Named steps, in order:
+1. `EvaluationSet.open`: the prepared set and the positions of its val and test scans.
+2. Per fold: `val_thresholds` (each scorer's Dice threshold from the pooled val voxels, 10-step interval
+   search), then `test_metrics` (per-volume AUPRC, AUROC, Dice on the test split; the fold-mean mhd map,
+   and for the first fold the PR histograms and the gallery's reconstructions, kept as it goes).
+3. `summarise`: mean and std over volumes (averaged over folds) and the std of the fold means, through
+   evaluation.metrics; scans with no lesion voxel on the model grid are counted and left out of AP/AUROC.
+4. Outputs: metrics/<set>.json, PR curves (plots/<set>/), the gallery PNG (best, median, worst scan by the
+   first fold's mhd AUPRC, from the first fold's own reconstructions: no second scoring pass), each test
+   scan's fold-mean mhd map as NIfTI in its source scan's space, the per-volume CSV, and the MLflow run.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,117 +23,157 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mhd_uad.config import to_plain
+from mhd_uad.data.geometry import to_source_space
 from mhd_uad.data.prepared import PreparedSet, prepared_name
 from mhd_uad.data.splits import read_split_csv
 from mhd_uad.errors import ConfigError
-from mhd_uad.evaluation.metrics import dice, find_best_threshold, per_volume_auprc, per_volume_auroc
-from mhd_uad.io import atomic_path, atomic_write_text, replace_dir
+from mhd_uad.evaluation.curves import ScoreHistogram, write_pr_curves
+from mhd_uad.evaluation.gallery import GalleryRow, pick_gallery_scans, write_gallery
+from mhd_uad.evaluation.metrics import (
+    aggregate_folds,
+    dice,
+    find_best_threshold,
+    per_volume_auprc,
+    per_volume_auroc,
+)
+from mhd_uad.io import atomic_write_text, replace_dir, save_nifti
+from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
+from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
 from mhd_uad.scoring.anomaly_maps import connected_component_filter
-from mhd_uad.scoring.pipeline import MhdSettings, score_volume
-
-log = logging.getLogger(__name__)
-
-HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-6, 4.0, 3999)])  # PR curves from score histograms
+from mhd_uad.tracking import log_evaluation
 
 
 @dataclass
-class ScorerResults:
+class EvaluationSet:
+    """A test set as the stage sees it: its prepared volumes and where its val and test scans sit in them."""
+
+    dataset: str
+    modality: str
+    prepared: PreparedSet
+    val_pos: list[int]
+    test_pos: list[int]
+
+    @classmethod
+    def open(cls, params, dataset: str) -> EvaluationSet:
+        if dataset not in params.datasets:
+            raise ConfigError(f"unknown dataset {dataset!r}; params list {sorted(params.datasets)}", "params.yaml")
+        modality = str(params.datasets[dataset].modality)
+        ps = PreparedSet.open(Path(params.paths.artifacts) / "prepared" / prepared_name(dataset, modality))
+        positions = {}
+        for part in ("val", "test"):
+            csv_path = Path(params.paths.artifacts) / "splits" / f"{dataset}_{part}.csv"
+            positions[part] = ps.positions(read_split_csv(csv_path, params.paths.data, modality), csv_path)
+        return cls(dataset, modality, ps, positions["val"], positions["test"])
+
+    def volume(self, pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image, brain mask, lesion mask as bool) of the scan at a position of the prepared set."""
+        ps = self.prepared
+        return np.asarray(ps.images[pos]), np.asarray(ps.masks[pos]), np.asarray(ps.segs[pos]) > 0
+
+
+@dataclass
+class ScorerFold:
+    """One scorer on one fold: the val threshold and the per-volume test metrics."""
+
+    threshold: float = float("nan")
+    val_dice: float = float("nan")
     auprc: list[float] = field(default_factory=list)
     auroc: list[float] = field(default_factory=list)
     dice: list[float] = field(default_factory=list)
-    threshold: float = float("nan")
-    val_dice: float = float("nan")
-    hist_pos: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES), dtype=np.int64))
-    hist_neg: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES), dtype=np.int64))
-
-    def add_histogram(self, scores: np.ndarray, labels: np.ndarray) -> None:
-        idx = np.clip(np.searchsorted(HIST_EDGES, scores.ravel(), side="right") - 1, 0, len(HIST_EDGES) - 1)
-        lab = labels.ravel()
-        self.hist_pos += np.bincount(idx[lab], minlength=len(HIST_EDGES))
-        self.hist_neg += np.bincount(idx[~lab], minlength=len(HIST_EDGES))
 
 
-def pr_curve_from_histograms(pos: np.ndarray, neg: np.ndarray, points: int) -> list[tuple[float, float, float]]:
-    """(threshold, recall, precision) at histogram edges, thinned to at most `points` rows."""
-    tp = np.cumsum(pos[::-1])[::-1].astype(np.float64)  # voxels with score >= edge
-    fp = np.cumsum(neg[::-1])[::-1].astype(np.float64)
-    total_pos = max(1.0, float(pos.sum()))
-    keep = (tp + fp) > 0
-    edges, tp, fp = HIST_EDGES[keep], tp[keep], fp[keep]
-    recall, precision = tp / total_pos, tp / (tp + fp)
-    rows = sorted({round(float(r), 4): (float(e), float(r), float(p)) for e, r, p in zip(edges, recall, precision,
-                                                                                        strict=True)}.values())
-    if len(rows) > points:
-        pick = np.unique(np.linspace(0, len(rows) - 1, points).round().astype(int))
-        rows = [rows[i] for i in pick]
+class MapStore:
+    """Memory-mapped per-test-scan volumes the stage fills as it goes: the fold-mean mhd map, and the first
+    fold's mhd map and mean reconstruction (for the gallery). Removed when the stage is done."""
+
+    NAMES = ("mhd_fold_mean", "first_fold_mhd", "first_fold_reconstruction")
+
+    def __init__(self, folder: Path, n_scans: int, volume_shape: tuple[int, ...]):
+        self.files = [folder / f"{name}.npy" for name in self.NAMES]
+        self.fold_mean, self.first_mhd, self.first_reco = (
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_scans, *volume_shape))
+            for path in self.files)
+
+    def close(self) -> None:
+        del self.fold_mean, self.first_mhd, self.first_reco
+        for path in self.files:
+            path.unlink(missing_ok=True)
+
+
+def val_thresholds(model, ev: EvaluationSet, settings: MhdSettings, device, steps: int, fold: int
+                   ) -> dict[str, ScorerFold]:
+    """Each scorer's Dice-optimal threshold on the pooled voxels of the val split (method.md §6)."""
+    pooled: dict[str, list[np.ndarray]] = {s: [] for s in settings.scorers}
+    labels = []
+    for pos in tqdm(ev.val_pos, desc=f"{ev.dataset} fold {fold} val", unit="scan"):
+        image, mask, seg = ev.volume(pos)
+        maps, _ = score_volume(model, image, mask, settings, ev.prepared.names[pos], device)
+        for s in settings.scorers:
+            pooled[s].append(maps[s].ravel())
+        labels.append(seg.ravel())
+    labels = np.concatenate(labels)
+    out = {}
+    for s in settings.scorers:
+        search = find_best_threshold(np.concatenate(pooled[s]), labels, steps=steps)
+        out[s] = ScorerFold(threshold=search.threshold, val_dice=search.dice)
+    return out
+
+
+def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: int, results: dict[str, ScorerFold],
+                 store: MapStore, n_folds: int, histograms: dict[str, ScoreHistogram] | None) -> list[dict]:
+    """Per-volume metrics of every scorer on the test split (appended to `results`); returns the CSV rows.
+
+    The mhd map adds to the fold mean; with `histograms` (the first fold) the PR histograms and the
+    gallery's maps and reconstructions are kept too."""
+    rows = []
+    for i, pos in enumerate(tqdm(ev.test_pos, desc=f"{ev.dataset} fold {fold} test", unit="scan")):
+        image, mask, seg = ev.volume(pos)
+        maps, reco_mean = score_volume(model, image, mask, settings, ev.prepared.names[pos], device)
+        store.fold_mean[i] += maps["mhd"] / n_folds
+        if histograms is not None:
+            store.first_mhd[i], store.first_reco[i] = maps["mhd"], reco_mean
+        row = {"fold": fold, "scan": ev.prepared.names[pos], "lesion_voxels": int(seg.sum())}
+        for s in settings.scorers:
+            r = results[s]
+            r.auprc.append(per_volume_auprc(maps[s], seg) if seg.any() else np.nan)
+            r.auroc.append(per_volume_auroc(maps[s], seg) if seg.any() else np.nan)
+            pred = maps[s] > r.threshold
+            if s == "l1":
+                pred = connected_component_filter(pred)
+            r.dice.append(dice(pred, seg))
+            if histograms is not None:
+                histograms[s].add(maps[s], seg)
+            row[f"{s}_auprc"], row[f"{s}_dice"] = r.auprc[-1], r.dice[-1]
+        rows.append(row)
     return rows
 
 
-def _device(params):
-    import torch
-
-    accel = str(params.trainer.accelerator)
-    if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _split(ps: PreparedSet, params, dataset: str, part: str, modality: str):
-    """The split's rows and their positions in the prepared set."""
-    csv_path = Path(params.paths.artifacts) / "splits" / f"{dataset}_{part}.csv"
-    frame = read_split_csv(csv_path, params.paths.data, modality)
-    return frame, ps.positions(frame, csv_path)
-
-
-def _lesion_slice(seg: np.ndarray) -> int:
-    areas = seg.reshape(seg.shape[0], -1).sum(axis=1)
-    return int(np.argmax(areas))
-
-
-def write_gallery(path: Path, dataset: str, rows: list[tuple[str, str, float, np.ndarray, np.ndarray, np.ndarray,
-                                                                   np.ndarray]]) -> None:
-    """Input, mean reconstruction, MHD map and ground-truth outline for the best, median and worst scans."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
-    for r, (label, name, ap, image, reco, amap, seg) in enumerate(rows):
-        s = _lesion_slice(seg)
-        panels = ((image[s], "input", "gray"), (reco[s], "mean reconstruction", "gray"), (amap[s], "MHD map", "hot"))
-        for c, (arr, title, cmap) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(np.rot90(arr), cmap=cmap, vmin=0, vmax=max(1e-6, float(arr.max())) if c == 2 else 1)
-            ax.contour(np.rot90(seg[s]), levels=[0.5], colors="cyan", linewidths=0.8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{title}" if r else f"{title}", fontsize=8)
-        axes[r, 0].set_ylabel(f"{label}\n{name}\nAP {100 * ap:.1f}%", fontsize=8)
-    fig.suptitle(f"{dataset}: ground truth outlined in cyan", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": None})
-    plt.close(fig)
-
-
-def _summary_block(per_fold: list[ScorerResults]) -> dict:
-    def agg(values_per_fold):
-        means = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in map(np.asarray, values_per_fold)]
-        stds = [np.nanstd(v) if np.isfinite(v).any() else np.nan for v in map(np.asarray, values_per_fold)]
-        return float(np.nanmean(means)), float(np.nanmean(stds)), float(np.nanstd(means))
-
-    auprc, auprc_std, auprc_fold_std = agg([f.auprc for f in per_fold])
-    auroc, auroc_std, _ = agg([f.auroc for f in per_fold])
-    dsc, dsc_std, dsc_fold_std = agg([f.dice for f in per_fold])
-    return {
-        "auprc": auprc, "auprc_std": auprc_std, "auprc_fold_std": auprc_fold_std,
-        "auroc": auroc, "auroc_std": auroc_std,
-        "dice": dsc, "dice_std": dsc_std, "dice_fold_std": dsc_fold_std,
-        "threshold": float(np.mean([f.threshold for f in per_fold])),
-        "val_dice": float(np.mean([f.val_dice for f in per_fold])),
-        "n_volumes": int(np.sum(np.isfinite(per_fold[0].auprc))),
-    }
+def summarise(per_fold: list[dict[str, ScorerFold]], ev: EvaluationSet, scorers: tuple[str, ...]) -> dict:
+    """metrics/<set>.json: one block per scorer (mean/std over volumes and folds) and the volume counts."""
+    metrics: dict = {}
+    for s in scorers:
+        folds = [f[s] for f in per_fold]
+        auprc, auprc_std, auprc_fold_std = aggregate_folds([f.auprc for f in folds])
+        auroc, auroc_std, _ = aggregate_folds([f.auroc for f in folds])
+        dsc, dsc_std, dsc_fold_std = aggregate_folds([f.dice for f in folds])
+        metrics[s] = {
+            "auprc": auprc, "auprc_std": auprc_std, "auprc_fold_std": auprc_fold_std,
+            "auroc": auroc, "auroc_std": auroc_std,
+            "dice": dsc, "dice_std": dsc_std, "dice_fold_std": dsc_fold_std,
+            "threshold": float(np.mean([f.threshold for f in folds])),
+            "val_dice": float(np.mean([f.val_dice for f in folds])),
+            "n_volumes": int(np.sum(np.isfinite(folds[0].auprc))),
+        }
+    wins = {}
+    for other in ("single", "nocov"):
+        if other in scorers:
+            count = sum(int(a > b) for f in per_fold for a, b in zip(f["mhd"].auprc, f[other].auprc, strict=True)
+                        if np.isfinite(a))
+            wins[f"mhd_beats_{other}"] = count / len(per_fold)
+    ps = ev.prepared
+    metrics["volumes"] = {"n_test": len(ev.test_pos), "n_val": len(ev.val_pos), "n_folds": len(per_fold),
+                          "n_without_lesion": int(sum(not ps.segs[p].any() for p in ev.test_pos)), **wins}
+    return metrics
 
 
 def _finite_or_null(tree):
@@ -142,142 +185,64 @@ def _finite_or_null(tree):
     return tree
 
 
+def write_per_volume_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def gallery_rows(ev: EvaluationSet, first_fold: dict[str, ScorerFold], store: MapStore) -> list[GalleryRow]:
+    rows = []
+    for label, i in pick_gallery_scans(first_fold["mhd"].auprc):
+        pos = ev.test_pos[i]
+        image, _, _ = ev.volume(pos)
+        rows.append(GalleryRow(label, ev.prepared.names[pos], float(first_fold["mhd"].auprc[i]), image,
+                               np.asarray(store.first_reco[i]), np.asarray(store.first_mhd[i]),
+                               np.asarray(ev.prepared.segs[pos])))
+    return rows
+
+
+def write_source_space_maps(folder: Path, ev: EvaluationSet, fold_mean: np.ndarray) -> None:
+    """Each test scan's fold-mean mhd map in its source scan's grid and affine, zero outside its brain."""
+    ps = ev.prepared
+    with replace_dir(folder) as tmp:
+        for i, pos in enumerate(ev.test_pos):
+            geometry = ps.geometry(pos)
+            amap = to_source_space(np.asarray(fold_mean[i]), geometry, ps.source_mask(pos))
+            save_nifti(tmp / f"{ps.names[pos]}_mhd.nii.gz", amap, geometry.source_affine, dtype=np.float32)
+
+
 def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
     """Evaluate every fold on `dataset`; returns the metrics file."""
-    import torch
-
-    from mhd_uad.data.preprocess import to_source_space
-    from mhd_uad.io import load_nifti, save_nifti
-    from mhd_uad.tracking import flatten, run_tags, tracking_uri
-    from mhd_uad.training import load_cddpm
-
     root = Path(root)
-    if dataset not in params.datasets:
-        raise ConfigError(f"unknown dataset {dataset!r}; params list {sorted(params.datasets)}", "params.yaml")
     settings = MhdSettings.from_params(params)
-    modality = str(params.datasets[dataset].modality)
+    ev = EvaluationSet.open(params, dataset)
     folds = [int(f) for f in params.train.folds]
-    ps = PreparedSet.open(Path(params.paths.artifacts) / "prepared" / prepared_name(dataset, modality))
-    _, val_pos = _split(ps, params, dataset, "val", modality)
-    test_frame, test_pos = _split(ps, params, dataset, "test", modality)
-    device = _device(params)
-    scorers = settings.scorers
-    e = params.evaluate
-
-    results: dict[str, list[ScorerResults]] = {s: [] for s in scorers}
-    wins = {"mhd_beats_single": 0, "mhd_beats_nocov": 0}
-    per_volume_rows = []
-    maps_dir = root / "artifacts" / "maps" / dataset
+    device, e = select_device(params), params.evaluate
+    histograms = {s: ScoreHistogram() for s in settings.scorers}
+    per_fold, per_volume = [], []
     with replace_dir(root / "artifacts" / "eval" / dataset) as work:
-        fold_mean = np.lib.format.open_memmap(work / "mhd_fold_mean.npy", mode="w+", dtype=np.float32,
-                                              shape=(len(test_pos), *ps.images.shape[1:]))
+        store = MapStore(work, len(ev.test_pos), ev.prepared.images.shape[1:])
         for k, fold in enumerate(folds):
-            model, _ = load_cddpm(params, root / "models" / modality / f"fold{fold}" / "cddpm.ckpt", modality)
+            model, _ = load_cddpm(params, cddpm_path(root, ev.modality, fold), ev.modality)
             model.to(device)
-            fold_res = {s: ScorerResults() for s in scorers}
-            pooled = {s: [] for s in scorers}
-            labels = []
-            for pos in tqdm(val_pos, desc=f"{dataset} fold {fold} val", unit="scan"):
-                maps, _ = score_volume(model, np.asarray(ps.images[pos]), np.asarray(ps.masks[pos]), settings,
-                                       ps.names[pos], device)
-                for s in scorers:
-                    pooled[s].append(maps[s].ravel())
-                labels.append(np.asarray(ps.segs[pos]).ravel() > 0)
-            labels = np.concatenate(labels)
-            for s in scorers:
-                search = find_best_threshold(np.concatenate(pooled[s]), labels, steps=int(e.threshold_steps))
-                fold_res[s].threshold, fold_res[s].val_dice = search.threshold, search.dice
-            del pooled, labels
-            for i, pos in enumerate(tqdm(test_pos, desc=f"{dataset} fold {fold} test", unit="scan")):
-                seg = np.asarray(ps.segs[pos]) > 0
-                maps, _ = score_volume(model, np.asarray(ps.images[pos]), np.asarray(ps.masks[pos]), settings,
-                                       ps.names[pos], device)
-                fold_mean[i] += maps["mhd"] / len(folds)
-                row = {"fold": fold, "scan": ps.names[pos], "lesion_voxels": int(seg.sum())}
-                for s in scorers:
-                    r = fold_res[s]
-                    has_lesion = bool(seg.any())
-                    r.auprc.append(per_volume_auprc(maps[s], seg) if has_lesion else np.nan)
-                    r.auroc.append(per_volume_auroc(maps[s], seg) if has_lesion else np.nan)
-                    pred = maps[s] > r.threshold
-                    if s == "l1":
-                        pred = connected_component_filter(pred)
-                    r.dice.append(dice(pred, seg))
-                    if k == 0:
-                        r.add_histogram(maps[s], seg)
-                    row[f"{s}_auprc"], row[f"{s}_dice"] = r.auprc[-1], r.dice[-1]
-                for other in ("single", "nocov"):
-                    if other in fold_res and np.isfinite(fold_res["mhd"].auprc[-1]):
-                        wins[f"mhd_beats_{other}"] += int(fold_res["mhd"].auprc[-1] > fold_res[other].auprc[-1])
-                per_volume_rows.append(row)
-            for s in scorers:
-                results[s].append(fold_res[s])
-        fold_mean.flush()
-
-        metrics = {s: _summary_block(results[s]) for s in scorers}
-        metrics["volumes"] = {"n_test": len(test_pos), "n_val": len(val_pos), "n_folds": len(folds),
-                              "n_without_lesion": int(sum(not ps.segs[p].any() for p in test_pos)),
-                              **{k: v / len(folds) for k, v in wins.items()}}
-
-        with (work / "per_volume.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(per_volume_rows[0]))
-            writer.writeheader()
-            writer.writerows(per_volume_rows)
-
-        # PR curves (fold of the first model), as small CSVs for `dvc plots`
-        with replace_dir(root / "plots" / dataset) as plots_tmp:
-            for s in scorers:
-                rows = pr_curve_from_histograms(results[s][0].hist_pos, results[s][0].hist_neg,
-                                                int(e.pr_curve_points))
-                with (plots_tmp / f"pr_{s}.csv").open("w", newline="") as fh:
-                    writer = csv.writer(fh)
-                    writer.writerow(["threshold", "recall", "precision"])
-                    writer.writerows([(f"{t:.6g}", f"{r:.6g}", f"{p:.6g}") for t, r, p in rows])
-
-        if e.gallery:
-            mhd_ap = np.asarray(results["mhd"][0].auprc)
-            order = [i for i in np.argsort(-np.nan_to_num(mhd_ap, nan=-1.0)) if np.isfinite(mhd_ap[i])]
-            if order:
-                picks = [("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])]
-                model, _ = load_cddpm(params, root / "models" / modality / f"fold{folds[0]}" / "cddpm.ckpt", modality)
-                model.to(device)
-                rows = []
-                for label, i in picks:
-                    pos = test_pos[i]
-                    maps, reco = score_volume(model, np.asarray(ps.images[pos]), np.asarray(ps.masks[pos]), settings,
-                                              ps.names[pos], device, scorers=("mhd",))
-                    rows.append((label, ps.names[pos], float(mhd_ap[i]), np.asarray(ps.images[pos]), reco,
-                                 maps["mhd"], np.asarray(ps.segs[pos])))
-                write_gallery(root / "reports" / "gallery" / f"{dataset}.png", dataset, rows)
-
+            results = val_thresholds(model, ev, settings, device, int(e.threshold_steps), fold)
+            per_volume += test_metrics(model, ev, settings, device, fold, results, store, len(folds),
+                                       histograms if k == 0 else None)
+            per_fold.append(results)
+            del model
+            release_device_memory()
+        metrics = summarise(per_fold, ev, settings.scorers)
+        write_per_volume_csv(work / "per_volume.csv", per_volume)
+        write_pr_curves(root / "plots" / dataset, histograms, int(e.pr_curve_points))
+        gallery = root / "reports" / "gallery" / f"{dataset}.png"
+        if e.gallery and (rows := gallery_rows(ev, per_fold[0], store)):
+            write_gallery(gallery, dataset, rows)
         if e.write_maps:
-            with replace_dir(maps_dir) as maps_tmp:
-                for i, (pos, mask_path) in enumerate(zip(test_pos, test_frame["mask_path"], strict=True)):
-                    scan = ps.index["scans"][pos]
-                    amap = to_source_space(np.asarray(fold_mean[i]), scan["grid_affine"], scan["source_shape"],
-                                           scan["source_affine"], load_nifti(mask_path, what="brain mask")[0])
-                    save_nifti(maps_tmp / f"{ps.names[pos]}_mhd.nii.gz", amap, scan["source_affine"],
-                               dtype=np.float32)
-        del fold_mean
-
+            write_source_space_maps(root / "artifacts" / "maps" / dataset, ev, store.fold_mean)
+        store.close()
     out = root / "metrics" / f"{dataset}.json"
     atomic_write_text(out, json.dumps(_finite_or_null(metrics), indent=2) + "\n")
-    try:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri())
-        mlflow.set_experiment("mhd-uad")
-        with mlflow.start_run(run_name=f"evaluate@{dataset}", tags=run_tags(f"evaluate@{dataset}")):
-            flat = flatten(to_plain(params))
-            for start in range(0, len(flat), 90):
-                mlflow.log_params(dict(list(flat.items())[start:start + 90]))
-            mlflow.log_metrics({k.replace("/", "_"): v for k, v in flatten(metrics).items()
-                                if isinstance(v, int | float) and np.isfinite(v)})
-            mlflow.log_artifact(str(out))
-            gallery = root / "reports" / "gallery" / f"{dataset}.png"
-            if gallery.is_file():
-                mlflow.log_artifact(str(gallery))
-    except Exception as exc:  # tracking must not lose a finished evaluation
-        log.warning("MLflow logging of evaluate@%s failed: %s", dataset, exc)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    log_evaluation(f"evaluate@{dataset}", to_plain(params), metrics, [out, gallery])
     return out

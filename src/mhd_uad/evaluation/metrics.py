@@ -26,6 +26,7 @@ __all__ = [
     "pool_voxels",
     "summarize",
     "mean_std",
+    "aggregate_folds",
 ]
 
 
@@ -196,3 +197,14 @@ def summarize(values: Iterable[float], ddof: int = 0) -> dict[str, float]:
     v = np.asarray(list(values), dtype=np.float64)
     mean, std = mean_std(v, ddof=ddof)
     return {"mean": mean, "std": std, "n": int(np.count_nonzero(~np.isnan(v)))}
+
+
+def aggregate_folds(values_per_fold: Sequence[Iterable[float]]) -> tuple[float, float, float]:
+    """Per-volume values of each fold -> (mean over folds of the volume means, mean over folds of the volume
+    stds, std of the fold means): the paper's mean ± std over volumes and the spread across folds (§6).
+    nan entries (volumes without a lesion, Dice 0/0) are skipped, as the original's nanmean."""
+    per_fold = [mean_std(values) for values in values_per_fold]
+    fold_means = [m for m, _ in per_fold]
+    mean, fold_std = mean_std(fold_means)
+    volume_std, _ = mean_std([s for _, s in per_fold])
+    return mean, volume_std, fold_std

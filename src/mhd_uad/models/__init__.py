@@ -1,4 +1,6 @@
-"""The cDDPM's networks as pure torch modules (UNet, ResNet encoder, SparK, diffusion, simplex noise)."""
+"""Models: the cDDPM's networks as pure torch modules (unet, encoder, spark, diffusion, noise, cddpm), built
+from params (factory) and wrapped for Lightning (lightning); the checkpoint format (checkpoint) and
+inference with a trained model (inference)."""
 
 from torch import nn
 

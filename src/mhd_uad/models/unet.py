@@ -235,44 +235,54 @@ class UNet(nn.Module):
 
         ch = model_channels * channel_mult[0]
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.input_blocks = nn.ModuleList()
-        skip_channels = [ch]  # channels of every saved encoder output, input conv first
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [resblock(ch, model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions:
-                    layers.append(attention(ch))
-                self.input_blocks.append(_Stage(layers))
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                down = resblock(ch, ch, "down") if resblock_updown else _Downsample()
-                self.input_blocks.append(_Stage([down]))
-                skip_channels.append(ch)
-                ds *= 2
-
+        # built in this order (encoder path, middle, decoder path): the order fixes the random initialisation
+        ch, ds, skip_channels = self._build_encoder_path(ch, resblock, attention, resblock_updown)
         middle: list[nn.Module] = [resblock(ch, ch)]
         if attention_in_middle:
             middle.append(attention(ch))
         middle.append(resblock(ch, ch))
         self.middle_block = _Stage(middle)
+        ch = self._build_decoder_path(ch, ds, skip_channels, resblock, attention, resblock_updown)
 
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions:
+        self.out_norm = GroupNormFP32(groupnorm_groups, ch)
+        self.out_conv = _zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def _build_encoder_path(self, ch: int, resblock, attention, resblock_updown: bool):
+        """input_blocks: num_res_blocks ResBlocks (+ attention) per level, a downsampling between levels."""
+        self.input_blocks = nn.ModuleList()
+        skip_channels = [ch]  # channels of every saved encoder output, input conv first
+        ds = 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers: list[nn.Module] = [resblock(ch, self.model_channels * mult)]
+                ch = self.model_channels * mult
+                if ds in self.attention_resolutions:
                     layers.append(attention(ch))
-                if level and i == num_res_blocks:
+                self.input_blocks.append(_Stage(layers))
+                skip_channels.append(ch)
+            if level != len(self.channel_mult) - 1:
+                down = resblock(ch, ch, "down") if resblock_updown else _Downsample()
+                self.input_blocks.append(_Stage([down]))
+                skip_channels.append(ch)
+                ds *= 2
+        return ch, ds, skip_channels
+
+    def _build_decoder_path(self, ch: int, ds: int, skip_channels: list[int], resblock, attention,
+                            resblock_updown: bool) -> int:
+        """output_blocks: num_res_blocks + 1 ResBlocks per level, each taking one skip, upsampling between."""
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                layers = [resblock(ch + skip_channels.pop(), self.model_channels * mult)]
+                ch = self.model_channels * mult
+                if ds in self.attention_resolutions:
+                    layers.append(attention(ch))
+                if level and i == self.num_res_blocks:
                     layers.append(resblock(ch, ch, "up") if resblock_updown else _Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(_Stage(layers))
         assert not skip_channels, "every encoder output must be consumed once"
-
-        self.out_norm = GroupNormFP32(groupnorm_groups, ch)
-        self.out_conv = _zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+        return ch
 
     @staticmethod
     def _validate(

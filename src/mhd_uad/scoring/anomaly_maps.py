@@ -1,7 +1,7 @@
 """Anomaly-map assembly for one test volume: MHD (method.md §4.2) and the baselines (§4.3, §4.5, §4.6).
 
 Axis convention: every volume here is [S,H,W] with S the axial slices first (a [X,Y,Z] NIfTI-order
-volume becomes [Z,X,Y] with `to_slices_first`); reconstructions are [N,S,H,W]. The Mahalanobis
+volume becomes [Z,X,Y] with `data.geometry.to_slices`); reconstructions are [N,S,H,W]. The Mahalanobis
 covariance is per axial slice (over H×W), the mask erosion of `l1` is per axial slice with iterations
 W//25 (W = last axis, 96 -> 3 as in the original); SSIM, the Gaussian smoothing and the median filter are
 isotropic 3-D operations, so their result does not depend on the axis order.
@@ -27,8 +27,6 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from mhd_uad.data.preprocess import from_slices as from_slices_first
-from mhd_uad.data.preprocess import to_slices as to_slices_first
 from mhd_uad.errors import MhdUadError
 from mhd_uad.scoring.mahalanobis import diagonal_mahalanobis, pixelwise_mahalanobis
 from mhd_uad.scoring.ssim import ssim_map_3d
@@ -36,8 +34,6 @@ from mhd_uad.scoring.ssim import ssim_map_3d
 __all__ = [
     "SCORERS",
     "anomaly_maps",
-    "to_slices_first",
-    "from_slices_first",
     "normalise_min_max",
     "smooth_volume",
     "distance_to_anomaly_map",

@@ -1,8 +1,10 @@
-"""One test volume through the method: encode once, N single-pass reconstructions, then the anomaly maps.
+"""Inference: one test volume through the trained cDDPM, then its anomaly maps (method.md §4.1-4.2, §8).
 
+The encoder runs once per volume; the N reconstructions are single UNet passes at one noise level.
 Reconstruction n of scan s uses a simplex field seeded by (run seed, s, n), so a scan's maps repeat
 exactly, whatever else is evaluated beside it. The N reconstructions of all slices go through the UNet
-in chunks of `max_batch` images (method.md §4.1-4.2, §8).
+in chunks of `max_batch` images under the configured autocast precision. The device is chosen here,
+once, for every command that runs a trained model (`select_device`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,20 @@ def reconstruction_seeds(run_seed: int, scan: str, n: int) -> list[int]:
     return out
 
 
+def select_device(params) -> torch.device:
+    """CUDA when the trainer asks for a GPU (or `auto` finds one), else the CPU."""
+    accel = str(params.trainer.accelerator)
+    if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def release_device_memory() -> None:
+    """Hand cached GPU memory back between models (a no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
     if dtype is None:
@@ -78,7 +94,7 @@ def reconstruct_volume(model, image: np.ndarray, settings: MhdSettings, scan: st
 
 def score_volume(model, image: np.ndarray, mask: np.ndarray, settings: MhdSettings, scan: str,
                  device: torch.device | str = "cpu", scorers: tuple[str, ...] | None = None):
-    """The anomaly maps of one volume ({scorer: [S, H, W]}) and its mean reconstruction."""
+    """The anomaly maps of one volume ({scorer: [S, H, W]}) and its mean reconstruction ([S, H, W])."""
     recos = reconstruct_volume(model, image, settings, scan, device)
     maps = anomaly_maps(image, recos, mask, ridge=settings.ridge, scorers=scorers or settings.scorers)
     return maps, recos.mean(axis=0)

@@ -1,0 +1,64 @@
+"""`mhd-uad score`: one new scan through the trained model, the map written back in the scan's own space.
+
+No DVC stage runs this module: editing it re-runs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mhd_uad.data.geometry import to_source_space
+from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
+from mhd_uad.errors import ConfigError, MhdUadError
+from mhd_uad.io import save_nifti
+from mhd_uad.models.checkpoint import cddpm_path, checkpoint_modality, load_cddpm
+from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
+
+
+def _checkpoints_and_modality(params, modality: str | None, checkpoints, root: Path) -> tuple[list[Path], str]:
+    if checkpoints:
+        found = {checkpoint_modality(c) for c in checkpoints}
+        if modality is None and len(found) == 1:
+            modality = found.pop()
+    if modality not in ("t1", "t2"):
+        raise ConfigError("say which model scores the scan: --modality t1|t2 (or --checkpoint)")
+    if not checkpoints:
+        checkpoints = [cddpm_path(root, modality, f) for f in params.train.folds]
+        missing = [str(c) for c in checkpoints if not Path(c).is_file()]
+        if missing:
+            raise MhdUadError(f"no trained {modality.upper()} model: {missing[0]} is missing (run `dvc repro` or pass "
+                              "--checkpoint)", missing[0])
+    return [Path(c) for c in checkpoints], modality
+
+
+def score_scan(params, scan: str | Path, mask: str | Path, out: str | Path, *, modality: str | None = None,
+               checkpoints: list[str | Path] | None = None, threshold: float | None = None,
+               out_mask: str | Path | None = None, root: str | Path = ".") -> dict:
+    """Preprocess like the training data, score with every given checkpoint (default: the repository's folds
+    for the modality), average the mhd maps, and write the map (and optionally a thresholded lesion mask)
+    with the input's own shape and affine."""
+    if (threshold is None) != (out_mask is None):
+        raise MhdUadError("--threshold and --out-mask go together")
+    checkpoints, modality = _checkpoints_and_modality(params, modality, checkpoints, Path(root))
+    settings = MhdSettings.from_params(params)
+    prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(params))
+    device = select_device(params)
+    total = np.zeros(prepared.image.shape, dtype=np.float32)
+    for ckpt in checkpoints:
+        model, _ = load_cddpm(params, ckpt, modality)
+        maps, _ = score_volume(model.to(device), prepared.image, prepared.mask, settings, Path(scan).name, device,
+                               scorers=("mhd",))
+        total += maps["mhd"] / len(checkpoints)
+        del model
+        release_device_memory()
+    amap = to_source_space(total, prepared.geometry, prepared.source_brain)
+    save_nifti(out, amap, prepared.geometry.source_affine, dtype=np.float32)
+    result = {"map": str(out), "modality": modality, "checkpoints": [str(c) for c in checkpoints],
+              "max_score": float(amap.max())}
+    if out_mask is not None:
+        lesion = (amap > float(threshold)).astype(np.uint8)
+        save_nifti(out_mask, lesion, prepared.geometry.source_affine, dtype=np.uint8)
+        result.update(out_mask=str(out_mask), lesion_voxels=int(lesion.sum()))
+    return result
