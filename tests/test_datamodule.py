@@ -55,3 +55,37 @@ def test_batch_size_must_be_a_multiple_of_slices_per_volume(stage_dirs):
     prepared, splits, data = stage_dirs
     with pytest.raises(ConfigError, match="multiple of data.slices_per_volume"):
         IXISliceDataModule(prepared, splits, data, "t1", 0, batch_size=6, slices_per_volume=4)
+
+
+def test_augmentation_sees_the_prepared_spacing_and_the_original_ghosting(stage_dirs, monkeypatch):
+    import torchio as tio
+
+    prepared, _, _ = stage_dirs
+    ghosting = [t for t in AugmentSettings().transform().transforms if isinstance(t, tio.RandomGhosting)]
+    assert ghosting and ghosting[0].restore == (0.02, 0.02)  # exactly 0.02, as torchio 0.18.73 in the original
+    spacing = PreparedSet.open(prepared / "IXI_t1").index["settings"]["spacing_mm"]
+    seen = []
+
+    class Spy:
+        def __call__(self, image):
+            seen.append(image.spacing)
+            return image
+
+    ds = VolumeSliceDataset(prepared / "IXI_t1", [0], 1, AugmentSettings(0.0, 0.0, 1.0, 0.0))
+    ds._transform = Spy()
+    ds[0]
+    assert seen == [(spacing, spacing, spacing)] and spacing != 1.0  # σ of RandomBlur is in mm
+
+
+def test_a_scan_listed_twice_is_drawn_twice(stage_dirs, tmp_path):
+    import pandas as pd
+
+    prepared, splits, data = stage_dirs
+    (tmp_path / "splits").mkdir()
+    for csv in splits.glob("*.csv"):
+        (tmp_path / "splits" / csv.name).write_bytes(csv.read_bytes())
+    frame = pd.read_csv(splits / "IXI_train_fold0.csv", index_col=0)
+    pd.concat([frame, frame.iloc[:1]], ignore_index=True).to_csv(tmp_path / "splits" / "IXI_train_fold0.csv")
+    dm = IXISliceDataModule(prepared, tmp_path / "splits", data, "t1", 0, batch_size=4, slices_per_volume=2)
+    dm.setup()
+    assert len(dm.train_set) == len(frame) + 1 and dm.train_set.positions.count(dm.train_set.positions[0]) == 2

@@ -165,9 +165,7 @@ def _code_deps(stage: dict) -> list[str]:
     return [d for d in _definition(stage)["deps"] if d.startswith("src/")]
 
 
-@pytest.mark.parametrize("name", sorted(_stages()))
-def test_stage_deps_name_exactly_the_code_the_stage_imports(name):
-    stage = _stages()[name]
+def _check_stage(name: str, stage: dict) -> None:
     code, deps = stage_code(_command(stage)), _code_deps(stage)
     uncovered = sorted(f for f in code if not _covered(f, deps))
     assert not uncovered, f"{name}: imported but not a dep in dvc.yaml: {uncovered}"
@@ -177,6 +175,29 @@ def test_stage_deps_name_exactly_the_code_the_stage_imports(name):
         unused = sorted(f for f in files if f not in code and not (f.endswith("__init__.py")
                                                                     and _is_marker_only(REPO / f)))
         assert not unused, f"{name}: dep {dep} covers code the stage never imports: {unused}"
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_stage_deps_name_exactly_the_code_the_stage_imports(name):
+    _check_stage(name, _stages()[name])
+
+
+def _readme_stages() -> dict[str, dict]:
+    """Optional stages the README tells users to add to dvc.yaml (```yaml blocks of `cmd: mhd-uad ...`)."""
+    import re
+
+    stages = {}
+    for block in re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S):
+        if "cmd: mhd-uad" in block:
+            stages.update(yaml.safe_load("stages:\n" + block)["stages"])
+    return stages
+
+
+def test_the_optional_stages_of_the_readme_name_exactly_the_code_they_import():
+    stages = _readme_stages()
+    assert "ingest" in stages
+    for name, stage in stages.items():
+        _check_stage(name, stage)
 
 
 def test_inference_code_reaches_evaluation_only_and_the_score_command_no_stage():

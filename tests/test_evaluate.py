@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SHRUNK, copy_project, write_scan
+from conftest import REPO, SHRUNK, copy_project, shrunk_params, write_scan
+from mhd_uad.data.prepared import PreparedSet
 from mhd_uad.evaluation import evaluate
 from mhd_uad.io import load_nifti, save_nifti
 from mhd_uad.scoring.anomaly_maps import SCORERS
@@ -17,13 +18,40 @@ from mhd_uad.scoring.anomaly_maps import SCORERS
 pytestmark = pytest.mark.slow
 
 
+def _published_quirks(root, params) -> dict:
+    """Give the copy's MSLUB test scans two quirks of the published data, and prepare MSLUB again: the first
+    test scan's lesion moves below the model grid's z field of view (as infratentorial strokes in ATLAS v2),
+    half of the second's lesion becomes label 2 (as WMH's "other pathology"), ignored by the params."""
+    from mhd_uad.data.prepared import build_prepare_stage
+    from mhd_uad.data.preprocess import PrepareSettings
+    from mhd_uad.data.splits import SplitSettings, read_split_csv
+
+    test = read_split_csv(root / "artifacts" / "splits" / "MSLUB_test.csv", root / "data", "t2")
+    below, labelled = test["seg_path"][0], test["seg_path"][1]
+    seg, affine = load_nifti(below)
+    brain = load_nifti(test["mask_path"][0])[0] > 0
+    moved = np.zeros(seg.shape, dtype=np.uint8)
+    moved[18:22, 20:24, 4:6] = 1  # 48-56 mm below the centre: brain, but outside the 96 mm z field of view
+    save_nifti(below, moved * brain, affine)
+    seg, affine = load_nifti(labelled)
+    two = (seg > 0) & (np.arange(seg.shape[0])[:, None, None] < np.argwhere(seg > 0)[:, 0].mean())
+    save_nifti(labelled, np.where(two, 2, seg).astype(np.uint8), affine)
+    build_prepare_stage(root / "artifacts" / "splits", root / "data", root / "artifacts" / "prepared",
+                        SplitSettings.from_params(params), PrepareSettings.from_params(params), only=["MSLUB_t2"])
+    return {"below": test["img_name"][0], "labelled": test["img_name"][1],
+            "label1_voxels": int(((seg > 0) & ~two).sum()), "label2_voxels": int(two.sum())}
+
+
 @pytest.fixture(scope="module")
 def evaluated(tiny_model, tmp_path_factory):
-    """evaluate@MSLUB run once on a copy of the tiny model's project, counting every scan scored."""
+    """evaluate@MSLUB run once on a copy of the tiny model's project (with two published-data quirks),
+    counting every scan scored."""
     root = copy_project(tiny_model.root, tmp_path_factory.mktemp("evaluate") / "work")
+    params = shrunk_params("datasets.MSLUB.ignore_labels=[2]")
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    quirks = _published_quirks(root, params)
     scored = []
     original = evaluate.score_volume
 
@@ -33,14 +61,14 @@ def evaluated(tiny_model, tmp_path_factory):
 
     mp.setattr(evaluate, "score_volume", counting)
     try:
-        out = evaluate.run_evaluate(tiny_model.params, "MSLUB", root)
+        out = evaluate.run_evaluate(params, "MSLUB", root)
     finally:
         mp.undo()
-    return root, json.loads(out.read_text()), scored
+    return root, json.loads(out.read_text()), scored, quirks
 
 
 def test_evaluate_writes_metrics_plots_gallery_and_maps_in_source_space(evaluated):
-    root, metrics, _ = evaluated
+    root, metrics, _, _ = evaluated
     assert set(metrics) == {*SCORERS, "volumes"}
     volumes = metrics["volumes"]
     for block in SCORERS:
@@ -63,7 +91,7 @@ def test_evaluate_writes_metrics_plots_gallery_and_maps_in_source_space(evaluate
 
 
 def test_win_counts_and_means_agree_with_the_per_volume_results(evaluated):
-    root, metrics, _ = evaluated
+    root, metrics, _, _ = evaluated
     with (root / "artifacts" / "eval" / "MSLUB" / "per_volume.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == metrics["volumes"]["n_test"] * metrics["volumes"]["n_folds"]
@@ -76,9 +104,25 @@ def test_win_counts_and_means_agree_with_the_per_volume_results(evaluated):
 
 
 def test_each_scan_is_scored_once_per_fold_and_the_gallery_needs_no_second_pass(evaluated):
-    _, metrics, scored = evaluated
+    _, metrics, scored, _ = evaluated
     volumes = metrics["volumes"]
     assert len(scored) == (volumes["n_val"] + volumes["n_test"]) * volumes["n_folds"]
+
+
+def test_a_lesion_outside_the_grid_is_counted_and_ignored_labels_count_nowhere(evaluated):
+    root, metrics, _, quirks = evaluated
+    volumes = metrics["volumes"]
+    assert volumes["n_without_lesion"] == 1 and metrics["mhd"]["n_volumes"] == volumes["n_test"] - 1
+    with (root / "artifacts" / "eval" / "MSLUB" / "per_volume.csv").open() as fh:
+        rows = {r["scan"]: r for r in csv.DictReader(fh)}
+    below = rows[quirks["below"]]
+    assert below["lesion_voxels"] == "0" and below["mhd_auprc"] == "nan"
+    assert below["mhd_dice"] in ("0.0", "nan")  # 0 as soon as anything is predicted, as the original
+    ps = PreparedSet.open(root / "artifacts" / "prepared" / "MSLUB_t2")
+    pos = ps.names.index(quirks["labelled"])
+    labels = np.asarray(ps.segs[pos])
+    assert (labels == 2).any() and int(rows[quirks["labelled"]]["lesion_voxels"]) == int((labels == 1).sum()) > 0
+    assert np.isfinite(float(rows[quirks["labelled"]]["mhd_auprc"]))
 
 
 def _score(root, *args):

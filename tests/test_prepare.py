@@ -26,7 +26,7 @@ def test_prepare_writes_every_set_on_the_profile_grid(prepared, demo_params):
     for name in names:
         ps = PreparedSet.open(prepared / name)
         assert ps.images.shape == ps.masks.shape == ps.segs.shape == (len(ps), z, x, y)
-        assert ps.images.dtype == np.float32 and ps.masks.dtype == np.uint8
+        assert ps.images.dtype == ps.masks.dtype == np.float32 and ps.segs.dtype == np.uint8
 
 
 def test_intensities_are_clipped_and_scaled_within_the_brain(prepared):
@@ -182,3 +182,85 @@ def test_prepared_index_is_json_and_arrays_load_without_pickle(prepared):
     index = json.loads((prepared / "WMH_t1" / "index.json").read_text())
     assert index["format_version"] == 2 and len(index["scans"]) == 3
     np.load(prepared / "WMH_t1" / "images.npy", allow_pickle=False)
+
+
+# ---- quirks of the published data ---------------------------------------------------------------------
+
+def test_soft_mask_values_are_kept_and_weight_the_maps_by_their_square(tmp_path, demo_params):
+    from mhd_uad.scoring.anomaly_maps import anomaly_maps
+
+    image, mask, seg = _scan(tmp_path)
+    data, affine = load_nifti(mask)
+    border = (data > 0) & ~np.asarray(__import__("scipy").ndimage.binary_erosion(data > 0, iterations=2))
+    save_nifti(mask, np.where(border, 0.4, data).astype(np.float32), affine)  # as after linear registration
+    scan = preprocess_scan(image, mask, seg, PrepareSettings.from_params(demo_params))
+    assert scan.mask.dtype == np.float32 and np.isclose(scan.mask, 0.4).any() and scan.mask.max() == 1.0
+    assert set(np.unique(scan.mask)) <= {0.0, 0.4, 1.0} or np.allclose(np.unique(scan.mask), [0.0, 0.4, 1.0])
+    rng = np.random.default_rng(0)
+    recos = np.clip(scan.image[None] + 0.05 * rng.standard_normal((4, *scan.image.shape)), 0, 1).astype(np.float32)
+    soft = anomaly_maps(scan.image, recos, scan.mask, scorers=("mhd", "mean"))
+    binary = anomaly_maps(scan.image, recos, (scan.mask > 0).astype(np.float32), scorers=("mhd", "mean"))
+    np.testing.assert_allclose(soft["mhd"], binary["mhd"] * scan.mask ** 2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(soft["mean"], binary["mean"] * scan.mask, rtol=1e-5, atol=1e-7)
+
+
+def test_a_mask_outside_zero_one_is_named(tmp_path, demo_params):
+    _expect(tmp_path, demo_params, lambda p: _rewrite(p, lambda d: d * 255), "mask", r"values must lie in \[0, 1\]")
+
+
+def test_segmentation_labels_keep_every_voxel_above_zero_and_round_the_rest():
+    from mhd_uad.data.preprocess import segmentation_labels
+
+    seg = np.array([0.0, -0.2, 0.1, 0.49, 1.0, 1.4, 1.6, 2.0, 300.0])
+    np.testing.assert_array_equal(segmentation_labels(seg), [0, 0, 1, 1, 1, 1, 2, 2, 255])
+    assert segmentation_labels(seg).dtype == np.uint8
+
+
+def test_a_lesion_outside_the_model_grid_keeps_the_scan_with_a_warning(tmp_path, demo_params, caplog):
+    import logging
+
+    from mhd_uad.data.prepared import write_prepared_set
+    from mhd_uad.data.splits import read_split_csv
+
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        write_scan(tmp_path / "data", "Test/ATLAS_v2", f"case{i}", "t1", rng, (40, 44, 36), 4.0, lesion=True)
+    seg_path = tmp_path / "data/Test/ATLAS_v2/seg/case1_seg.nii.gz"
+    seg, affine = load_nifti(seg_path)
+    brain = load_nifti(tmp_path / "data/Test/ATLAS_v2/mask/case1_mask.nii.gz")[0] > 0
+    low = np.zeros_like(seg)
+    low[18:22, 20:24, 4:6] = 1  # 48-56 mm below the centre: inside the brain, below the 96 mm z field of view
+    assert (low.astype(bool) & brain).all() or (low.astype(bool) & brain).sum() > 8
+    save_nifti(seg_path, (low.astype(bool) & brain).astype(np.uint8), affine)
+    rows = "\n".join(f"{i},case{i},1,/Test/ATLAS_v2/t1/case{i}_t1.nii.gz,/Test/ATLAS_v2/mask/case{i}_mask.nii.gz,"
+                     f"/Test/ATLAS_v2/seg/case{i}_seg.nii.gz" for i in range(2))
+    (tmp_path / "list.csv").write_text(",img_name,label,img_path,mask_path,seg_path\n" + rows + "\n")
+    scans = read_split_csv(tmp_path / "list.csv", tmp_path / "data", "t1")
+    with caplog.at_level(logging.WARNING):
+        write_prepared_set(tmp_path / "prepared", scans, PrepareSettings.from_params(demo_params), desc="x")
+    ps = PreparedSet.open(tmp_path / "prepared")
+    assert len(ps) == 2 and np.asarray(ps.segs[0]).any() and not np.asarray(ps.segs[1]).any()
+    assert "1 lesioned scans have no lesion voxel on the model grid" in caplog.text and "case1" in caplog.text
+
+
+def test_a_scan_stored_in_another_voxel_order_prepares_to_the_same_volume(tmp_path, demo_params):
+    from mhd_uad.data.geometry import to_source_space
+
+    settings = PrepareSettings.from_params(demo_params)
+    image, mask, seg = _scan(tmp_path)
+    ras = preprocess_scan(image, mask, seg, settings)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS voxel order, as ingest (and the original's RAI) writes
+    for path in (image, mask, seg):
+        data, affine = load_nifti(path)
+        shift = np.eye(4)
+        shift[:3, 3] = (np.array(data.shape) - 1) * [1, 1, 0]
+        save_nifti(path, data[::-1, ::-1].copy(), affine @ shift @ flip)
+    lps = preprocess_scan(image, mask, seg, settings)
+    np.testing.assert_array_equal(lps.image, ras.image)
+    np.testing.assert_array_equal(lps.mask, ras.mask)
+    np.testing.assert_array_equal(lps.seg, ras.seg)
+    np.testing.assert_allclose(lps.geometry.grid_affine, ras.geometry.grid_affine)
+    assert lps.geometry.source_affine[0, 0] < 0  # the map goes back to the file's own order
+    back = to_source_space(lps.image, lps.geometry, lps.source_brain)
+    np.testing.assert_allclose(back[::-1, ::-1], to_source_space(ras.image, ras.geometry, ras.source_brain),
+                               atol=1e-5)

@@ -1,4 +1,5 @@
 import logging
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -20,7 +21,9 @@ from mhd_uad.errors import InputFileError
 def test_reads_every_published_split_csv(fixture_splits, tmp_path, name, modality):
     frame = read_split_csv(fixture_splits / f"{name}.csv", tmp_path, modality)
     assert {"img_name", "label", "img_path", "mask_path", "seg_path", "rel_img_path"} <= set(frame.columns)
-    assert not frame["img_path"].duplicated().any()
+    raw = pd.read_csv(fixture_splits / f"{name}.csv", index_col=0)
+    if modality == "t1":
+        assert len(frame) == len(raw)  # rows as listed, repeats included
     for column in ("img_path", "mask_path"):
         assert all(p.startswith(str(tmp_path) + "/") for p in frame[column])
     assert all(f"/{modality}/" in p and p.endswith(f"_{modality}.nii.gz") for p in frame["img_path"])
@@ -30,12 +33,44 @@ def test_reads_every_published_split_csv(fixture_splits, tmp_path, name, modalit
         assert (frame["label"] == 1).all() and all(p.startswith(str(tmp_path)) for p in frame["seg_path"])
 
 
-def test_published_ixi_duplicates_kept_once_with_warning(fixture_splits, tmp_path, caplog):
+def test_published_ixi_duplicates_are_kept_as_given(fixture_splits, tmp_path, caplog):
     raw = pd.read_csv(fixture_splits / "IXI_train_fold0.csv", index_col=0)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         frame = read_split_csv(fixture_splits / "IXI_train_fold0.csv", tmp_path, "t1")
-    assert len(raw) == 387 and len(frame) == raw["img_path"].nunique() < 387
-    assert "listed twice" in caplog.text
+    assert len(raw) == len(frame) == 387 and frame["img_path"].nunique() < 387  # method.md §2.1
+    assert "repeat a scan listed before (kept" in caplog.text
+
+
+def test_the_drop_duplicates_option_drops_repeated_rows_of_given_lists(tiny_data, demo_params, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "splits").mkdir()
+    settings = SplitSettings.from_params(demo_params)
+    for name, frame in make_splits(data, settings).items():
+        if name == "IXI_train_fold0.csv":
+            frame = pd.concat([frame, frame.iloc[:2]], ignore_index=True)  # two rows listed twice
+        frame.to_csv(data / "splits" / name, index=True, lineterminator="\n")
+    build_splits_stage(data, tmp_path / "as_given", settings)
+    kept = read_split_csv(tmp_path / "as_given" / "IXI_train_fold0.csv", data, "t1")
+    build_splits_stage(data, tmp_path / "dropped", replace(settings, drop_duplicates=True))
+    dropped = read_split_csv(tmp_path / "dropped" / "IXI_train_fold0.csv", data, "t1")
+    assert len(kept) == len(dropped) + 2 and not dropped["img_path"].duplicated().any()
+    assert list(dropped["img_path"]) == list(dict.fromkeys(kept["img_path"]))
+    header = (tmp_path / "dropped" / "IXI_train_fold0.csv").read_text().splitlines()[0]
+    assert header == ",img_name,label,img_path,mask_path,seg_path"
+
+
+def test_ignore_labels_must_be_segmentation_labels(demo_params):
+    from conftest import REPO
+    from mhd_uad.config import compose
+    from mhd_uad.errors import ConfigError
+
+    assert SplitSettings.from_params(compose(["datasets.WMH.ignore_labels=[2]"], REPO)).datasets["WMH"][
+        "ignore_labels"] == [2]
+    with pytest.raises(ConfigError, match="datasets.WMH.ignore_labels"):
+        SplitSettings.from_params(compose(["datasets.WMH.ignore_labels=[0]"], REPO))
 
 
 def test_t2_mode_keeps_only_ixi_scans_with_a_t2(fixture_splits, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,11 +132,43 @@ def cmd_score(args) -> None:
     from mhd_uad.models.factory import validate_model_params
     from mhd_uad.models.inference import MhdSettings
 
-    params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
-    result = score_scan(params, args.scan, args.mask, args.out, modality=args.modality,
-                        checkpoints=args.checkpoint, threshold=args.threshold, out_mask=args.out_mask)
+    if args.raw:
+        from mhd_uad.evaluation.score import score_raw_scan
+        from mhd_uad.ingest.settings import IngestSettings
+
+        params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params,
+                         IngestSettings.from_params)
+        result = score_raw_scan(params, args.scan, args.out, mask=args.mask, modality=args.modality,
+                                template=args.template, checkpoints=args.checkpoint, threshold=args.threshold,
+                                out_mask=args.out_mask)
+    else:
+        if args.mask is None or args.template is not None:
+            raise MhdUadError("a scan already in atlas space needs --mask (and takes no --template); "
+                              "for a raw scan pass --raw")
+        params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
+        result = score_scan(params, args.scan, args.mask, args.out, modality=args.modality,
+                            checkpoints=args.checkpoint, threshold=args.threshold, out_mask=args.out_mask)
     log.info("anomaly map written to %s (max %.3g)%s", result["map"], result["max_score"],
              f"; lesion mask {result['out_mask']} with {result['lesion_voxels']} voxels" if args.out_mask else "")
+
+
+def cmd_ingest(args) -> None:
+    from mhd_uad.ingest.manifest import read_manifest, scan_folder
+    from mhd_uad.ingest.run import run_ingest
+    from mhd_uad.ingest.settings import IngestSettings
+
+    params = _params(args, IngestSettings.from_params)
+    settings = IngestSettings.from_params(params).with_template(args.template)
+    if (args.manifest is None) == (args.input is None):
+        raise MhdUadError("name the raw scans: --input DIR with --set and --modality, or --manifest CSV")
+    if args.manifest is not None:
+        specs = read_manifest(args.manifest)
+    elif args.set is None or args.modality is None:
+        raise MhdUadError("--input needs --set (e.g. IXI, Brats21) and --modality (t1 or t2)")
+    else:
+        specs = scan_folder(args.input, args.set, args.modality)
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    run_ingest(specs, args.out or params.paths.data, settings, workers=workers, progress=not args.quiet)
 
 
 def cmd_summary(args) -> None:
@@ -177,6 +210,20 @@ def cmd_params(args) -> None:
 
     atomic_write_text(PARAMS_FILE, composed_yaml(args.overrides))
     log.info("composed conf/ into %s", PARAMS_FILE)
+
+
+def _add_ingest_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", default=None, metavar="DIR",
+                   help="folder of raw scans: NAME.nii[.gz] with optional NAME_mask / NAME_seg beside them")
+    p.add_argument("--set", default=None, help="with --input: IXI (-> Train/ixi) or a test set (-> Test/<set>)")
+    p.add_argument("--modality", default=None, choices=["t1", "t2"], help="with --input: the scans' modality")
+    p.add_argument("--manifest", default=None, metavar="CSV",
+                   help="CSV of scans: set, modality, image[, name, mask, seg] (paths relative to the CSV)")
+    p.add_argument("--out", default=None, help="the layout's root (default: paths.data)")
+    p.add_argument("--template", default=None, help="template NIfTI (default ingest.template: the bundled SRI24)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ingest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,9 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit non-zero when an AUPRC drops by more than TOL")
     p.add_argument("--out", default=None, help="write the comparison here instead of stdout")
     p.set_defaults(func=cmd_report)
-    p = with_overrides(sub.add_parser("score", help="anomaly map of a new skull-stripped, atlas-space scan"))
+    p = with_overrides(sub.add_parser("score", help="anomaly map of a new skull-stripped, atlas-space scan "
+                                                    "(or, with --raw, of a scan as the scanner wrote it)"))
     p.add_argument("scan", help="the scan (NIfTI)")
-    p.add_argument("--mask", required=True, help="its brain mask (NIfTI, same grid)")
+    p.add_argument("--mask", default=None, help="its brain mask (NIfTI, same grid; optional with --raw: HD-BET)")
+    p.add_argument("--raw", action="store_true",
+                   help="SCAN is raw (any orientation and voxel size, with skull): ingest it like the training data "
+                        "first; the map is written in the raw scan's own grid and affine")
+    p.add_argument("--template", default=None, help="with --raw: register to this template (default ingest.template)")
     p.add_argument("--out", required=True, help="output map (NIfTI, in the scan's grid and affine)")
     p.add_argument("--modality", choices=["t1", "t2"], default=None)
     p.add_argument("--checkpoint", action="append", default=None,
@@ -239,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="write voxels with map > T as a lesion mask")
     p.add_argument("--out-mask", default=None, help="output lesion mask (NIfTI, uint8)")
     p.set_defaults(func=cmd_score)
+    _add_ingest_parser(with_overrides(sub.add_parser(
+        "ingest", help="raw scans -> the data layout (reorient, resample, skull strip, register, crop, N4)")))
     with_overrides(sub.add_parser("summary", help="print each network of the profile with its parameter count")
                    ).set_defaults(func=cmd_summary)
     p = sub.add_parser("plots", help="render plots/ (loss and PR curves) to PNG offline, optionally against a REV")

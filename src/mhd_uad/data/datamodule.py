@@ -2,9 +2,13 @@
 
 The original draws one uniformly random axial slice per volume per epoch, with torchio's RandomGamma,
 RandomBiasField, RandomBlur and RandomGhosting applied to the 3-D volume first, on train and val alike
-(method.md §2.3.6-7). Here the number of slices drawn per volume is a parameter (`data.slices_per_volume`):
-the augmented volume is reused for all of them, which is what makes several slices per volume cheap.
-Val items are seeded by their index, so the validation loss compares epochs on the same slices and noise.
+(method.md §2.3.6-7). The volume carries the prepared grid's spacing, so RandomBlur's σ (0-2 mm) is what
+the original applied to its 2 mm volume, and RandomGhosting keeps the original's `restore` of 0.02.
+Split lists are used as given: a scan listed twice is drawn twice per epoch, as in the original.
+Here the number of slices drawn per volume is a parameter (`data.slices_per_volume`): the augmented
+volume is reused for all of them, which is what makes several slices per volume cheap. Val items are
+seeded by their index (the original draws them at random), so the validation loss compares epochs on the
+same slices and noise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from mhd_uad.config import require
 from mhd_uad.data.prepared import PreparedSet, prepared_name
 from mhd_uad.data.splits import IXI, read_split_csv
+
+GHOSTING_RESTORE = 0.02  # torchio 0.18.73 restored exactly this (the original); 1.x samples (0, r) or None
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,8 @@ class AugmentSettings:
         return tio.Compose([
             tio.RandomGamma(p=self.gamma_p),
             tio.RandomBiasField(p=self.bias_field_p),
-            tio.RandomBlur(p=self.blur_p),
-            tio.RandomGhosting(p=self.ghosting_p),
+            tio.RandomBlur(p=self.blur_p),  # σ in mm: the volume carries its real spacing (see _sample)
+            tio.RandomGhosting(p=self.ghosting_p, restore=(GHOSTING_RESTORE, GHOSTING_RESTORE)),
         ])
 
 
@@ -75,6 +81,11 @@ class VolumeSliceDataset(Dataset):
             self._data = PreparedSet.open(self.folder)
         return self._data
 
+    @property
+    def spacing_mm(self) -> float:
+        """Voxel size of the prepared grid: torchio's blur σ is in mm (the original blurs the 2 mm volume)."""
+        return float(self.data.index["settings"]["spacing_mm"])
+
     def _sample(self, i: int) -> dict[str, torch.Tensor]:
         pos = self.positions[i]
         volume = torch.from_numpy(np.array(self.data.images[pos], dtype=np.float32))  # [S, H, W]
@@ -85,7 +96,8 @@ class VolumeSliceDataset(Dataset):
                 self._transform = self.augment.transform()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                volume = self._transform(tio.ScalarImage(tensor=volume[None])).data[0]
+                image = tio.ScalarImage(tensor=volume[None], affine=np.diag([*[self.spacing_mm] * 3, 1.0]))
+                volume = self._transform(image).data[0]
         idx = torch.randint(0, volume.shape[0], (self.slices_per_volume,))
         mask = torch.from_numpy(np.array(self.data.masks[pos][idx.numpy()], dtype=np.float32))
         return {"image": volume[idx].unsqueeze(1).contiguous(), "mask": mask.unsqueeze(1), "slice": idx,

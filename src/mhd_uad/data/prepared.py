@@ -2,8 +2,8 @@
 
 artifacts/prepared/<set>_<modality>/
     images.npy   float32 [V, S, H, W]   preprocessed scans on the model grid
-    masks.npy    uint8   [V, S, H, W]   brain masks
-    segs.npy     uint8   [V, S, H, W]   lesion masks (zeros for healthy scans)
+    masks.npy    float32 [V, S, H, W]   brain masks with their own values (soft at registered borders)
+    segs.npy     uint8   [V, S, H, W]   segmentation label codes, > 0 is lesion (zeros for healthy scans)
     source_masks.npy  uint8 [B]        each scan's own brain mask (> 0) in its source grid, bit-packed
                                         (np.packbits, C order) one after the other
     index.json   names, labels, keys (image path relative to the data root), each scan's geometry
@@ -19,6 +19,7 @@ read with allow_pickle=False.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,10 @@ from mhd_uad.data.splits import IXI, MODALITIES, SPLIT_NAME, SplitSettings, read
 from mhd_uad.errors import InputFileError
 from mhd_uad.io import replace_dir
 
+log = logging.getLogger(__name__)
+
 ARRAYS = ("images", "masks", "segs")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # 2: soft masks (float32), segmentation labels, source brain masks
 
 
 def prepared_name(set_name: str, modality: str) -> str:
@@ -140,30 +143,32 @@ def write_prepared_set(folder: Path, scans: pd.DataFrame, settings: PrepareSetti
     folder.mkdir(parents=True)
     outs = {
         "images": np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.float32, shape=shape),
-        "masks": np.lib.format.open_memmap(folder / "masks.npy", mode="w+", dtype=np.uint8, shape=shape),
+        "masks": np.lib.format.open_memmap(folder / "masks.npy", mode="w+", dtype=np.float32, shape=shape),
         "segs": np.lib.format.open_memmap(folder / "segs.npy", mode="w+", dtype=np.uint8, shape=shape),
     }
-    records, offset = [], 0
+    records, offset, outside = [], 0, []
     packed_part = folder / "source_masks.part"
     with packed_part.open("wb") as packed:
         for i, row in enumerate(tqdm(scans.itertuples(index=False), total=len(scans), desc=desc, unit="scan")):
             scan = preprocess_scan(row.img_path, row.mask_path, row.seg_path or None, settings)
             if int(row.label) != 0 and not scan.seg.any():
-                raise InputFileError("lesioned scan has no lesion voxel on the model grid (empty segmentation)",
-                                     row.seg_path)
+                outside.append(str(row.img_name))
             outs["images"][i], outs["masks"][i], outs["segs"][i] = scan.image, scan.mask, scan.seg
             bits = np.packbits(np.ascontiguousarray(scan.source_brain).ravel())
             packed.write(bits.tobytes())
             records.append({
                 "img_name": str(row.img_name), "label": int(row.label), "key": str(row.rel_img_path),
                 "geometry": scan.geometry.as_dict(), "source_mask_bytes": [offset, offset + bits.size],
-                "brain_voxels": int(scan.mask.sum()), "lesion_voxels": int(scan.seg.sum()),
+                "brain_voxels": int((scan.mask > 0).sum()), "lesion_voxels": int((scan.seg > 0).sum()),
             })
             offset += bits.size
     for arr in outs.values():
         arr.flush()
     del outs
     _part_to_npy(packed_part, folder / "source_masks.npy", offset)
+    if outside:  # kept, as the original: AP/AUROC undefined, Dice counted, voxels in the val pool
+        log.warning("%s: %d lesioned scans have no lesion voxel on the model grid (lesion outside the crop; "
+                    "kept, left out of AP/AUROC): %s", folder.name, len(outside), ", ".join(outside))
     index = {"format_version": FORMAT_VERSION, "axes": "scan, axial slice (Z), X, Y",
              "settings": settings.as_dict(), "scans": records}
     (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")

@@ -1,9 +1,11 @@
 """Online preprocessing of method.md §2.3, written once per scan by the `prepare` stage.
 
-Per scan, in the original's order: CurvatureFlow smoothing (image only) -> centred CropOrPad to the
+Per scan, in the original's order (after bringing the voxels to RAS+ order): CurvatureFlow smoothing (image only) -> centred CropOrPad to the
 field of view -> clip to [p1, p99] of brain voxels and scale to [0, 1] -> resample to the model spacing
 (B-spline for the image, nearest for mask and segmentation) -> the profile's grid. Volumes are kept as
-[S, H, W] with S axial slices (the third voxel axis of an atlas-space scan).
+[S, H, W] with S axial slices (the third voxel axis of an atlas-space scan). The brain mask keeps its
+values (soft at the border of registered masks; the maps are weighted by them, method.md §11) and is
+binarised (> 0) only where the method does; segmentations keep their labels (`segmentation_labels`).
 
 One deliberate difference: the original discards the affine and treats every scan as 1 mm. Here the
 voxel size comes from the header, so the crop is the same field of view in mm whatever the source
@@ -60,8 +62,8 @@ class PrepareSettings:
 @dataclass
 class PreparedScan:
     image: np.ndarray  # float32 [S, H, W], [0, 1] (B-spline may over/undershoot slightly)
-    mask: np.ndarray  # uint8 [S, H, W], brain mask
-    seg: np.ndarray  # uint8 [S, H, W], lesion mask (>0 of the source labels); zeros for healthy scans
+    mask: np.ndarray  # float32 [S, H, W], brain mask with its own values (soft at the border after registration)
+    seg: np.ndarray  # uint8 [S, H, W], segmentation label codes (segmentation_labels); zeros for healthy scans
     geometry: ScanGeometry  # the model grid and the source scan's own grid
     source_brain: np.ndarray  # bool, the source scan's brain mask (> 0) in its own grid
 
@@ -76,6 +78,28 @@ def curvature_flow(image: np.ndarray, spacing: np.ndarray, time_step: float, ite
     itk.SetSpacing([float(s) for s in spacing])
     out = sitk.CurvatureFlow(itk, timeStep=time_step, numberOfIterations=iterations)
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(np.float32, copy=False)
+
+
+def to_canonical(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same voxels in RAS+ order (nibabel's closest canonical): axis 2 runs inferior -> superior, so
+    axial slices are axis 2 whatever order the file was stored in (ingest writes the original's LPS)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return volume, affine
+    out = np.ascontiguousarray(nib.orientations.apply_orientation(volume, ornt))
+    return out, affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
+
+
+def segmentation_labels(seg: np.ndarray) -> np.ndarray:
+    """uint8 label codes of a segmentation: 0 where seg <= 0, else its value rounded, at least 1 (at most 255).
+
+    Registered segmentations are interpolated (method.md §2.2), so values are not strictly integer: every
+    voxel > 0 stays lesion (the original binarises with > 0), and a voxel belongs to label L when its value
+    rounds to L (the metrics' `ignore_labels` use that)."""
+    codes = np.clip(np.rint(seg), 1, 255)
+    return np.where(seg > 0, codes, 0).astype(np.uint8)
 
 
 def preprocess_scan(
@@ -94,15 +118,24 @@ def preprocess_scan(
     brain = mask > 0
     if not brain.any():
         raise InputFileError("brain mask is empty", mask_path)
+    if float(mask.min()) < 0 or float(mask.max()) > 1:
+        raise InputFileError(f"brain mask values must lie in [0, 1] (binary, or soft at the border), found "
+                             f"[{float(mask.min()):g}, {float(mask.max()):g}]", mask_path)
     if seg_path:
         seg, seg_affine = load_nifti(seg_path, what="segmentation")
         check_same_geometry(image_path, image.shape, affine, seg_path, seg.shape, seg_affine, what="segmentation")
-        lesion = seg > 0
+        labels = segmentation_labels(seg)
     else:
-        lesion = np.zeros(image.shape, dtype=bool)
+        labels = np.zeros(image.shape, dtype=np.uint8)
     values = image[brain]
     if float(values.max() - values.min()) <= 0:
         raise InputFileError("image is constant inside the brain mask", image_path)
+    source_shape, source_affine = tuple(int(s) for s in image.shape), affine
+    # one voxel order for every scan, so training and scoring see the same anatomy; maps go back to the
+    # file's own order through world coordinates (the original uses the stored order, the same up to flips)
+    image, canonical_affine = to_canonical(image, affine)
+    mask, labels = to_canonical(mask, affine)[0], to_canonical(labels, affine)[0]
+    affine = canonical_affine
 
     spacing = voxel_spacing(affine)
     image = curvature_flow(image, spacing, settings.curvature_flow_time_step, settings.curvature_flow_iterations)
@@ -110,8 +143,9 @@ def preprocess_scan(
 
     subject = tio.Subject(
         image=tio.ScalarImage(tensor=torch.from_numpy(image)[None], affine=affine),
-        mask=tio.LabelMap(tensor=torch.from_numpy(brain.astype(np.uint8))[None], affine=affine),
-        seg=tio.LabelMap(tensor=torch.from_numpy(lesion.astype(np.uint8))[None], affine=affine),
+        # the mask keeps its values: soft borders weight the maps as in the original (method.md §11)
+        mask=tio.LabelMap(tensor=torch.from_numpy(mask.astype(np.float32))[None], affine=affine),
+        seg=tio.LabelMap(tensor=torch.from_numpy(labels)[None], affine=affine),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchio warns about tensors without a path; nothing to act on
@@ -126,12 +160,12 @@ def preprocess_scan(
         subject = tio.CropOrPad(settings.grid, padding_mode=0)(subject)
 
     out_image = subject["image"].data[0].numpy().astype(np.float32)
-    out_mask = (subject["mask"].data[0].numpy() > 0).astype(np.uint8)
-    out_seg = (subject["seg"].data[0].numpy() > 0).astype(np.uint8)
+    out_mask = subject["mask"].data[0].numpy().astype(np.float32)
+    out_seg = subject["seg"].data[0].numpy().astype(np.uint8)
     if not out_mask.any():
         raise InputFileError("brain mask is empty after resampling to the model grid", mask_path)
     geometry = ScanGeometry(grid_shape=tuple(int(s) for s in out_image.shape),
                             grid_affine=np.asarray(subject["image"].affine, dtype=np.float64),
-                            source_shape=tuple(int(s) for s in image.shape), source_affine=affine)
+                            source_shape=source_shape, source_affine=source_affine)
     return PreparedScan(image=to_slices(out_image), mask=to_slices(out_mask), seg=to_slices(out_seg),
                         geometry=geometry, source_brain=brain)

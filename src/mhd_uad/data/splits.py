@@ -85,8 +85,9 @@ def read_split_csv(
 
     Returns at least `img_name, label, img_path, mask_path, seg_path` (absolute, under data_root; seg empty
     for healthy rows) plus `rel_img_path` (the image path relative to data_root, the key of prepared
-    arrays) and any metadata columns. A scan listed twice (same `img_path`, as in the published IXI lists)
-    is kept once with a warning. In T2 mode, IXI rows are kept only if their T2 file is in the availability
+    arrays) and any metadata columns. Rows are kept as listed: a scan listed twice (as in the published IXI
+    lists) is trained on twice, as the original does (the `splits` stage drops repeats when
+    `splits.drop_duplicates` is on). In T2 mode, IXI rows are kept only if their T2 file is in the availability
     list (`available_t2`, or `avail_t2.csv` beside the CSV when present), as the original does.
     """
     csv_path = Path(csv_path)
@@ -118,10 +119,8 @@ def read_split_csv(
 
     duplicated = frame["img_path"].duplicated(keep="first")
     if duplicated.any():
-        names = ", ".join(sorted(set(frame.loc[duplicated, "img_name"]))[:5])
-        log.warning("%s: %d scans listed twice, kept once (%s%s)", csv_path, int(duplicated.sum()), names,
-                    ", ..." if duplicated.sum() > 5 else "")
-        frame = frame.loc[~duplicated].reset_index(drop=True)
+        log.info("%s: %d rows repeat a scan listed before (kept, as the original trains on them)", csv_path,
+                 int(duplicated.sum()))
 
     rel = frame["img_path"].map(lambda p: derive_modality_path(str(p).strip(), modality))
     if modality == "t2":
@@ -170,12 +169,13 @@ class SplitSettings:
     ixi_val_fraction: float
     seed: int
     datasets: Mapping[str, Mapping]
+    drop_duplicates: bool = False
 
     @classmethod
     def from_params(cls, params) -> SplitSettings:
         s = params.splits
         settings = cls(int(s.num_folds), float(s.ixi_test_fraction), float(s.ixi_val_fraction), int(params.seed),
-                       {k: dict(v) for k, v in params.datasets.items()})
+                       {k: dict(v) for k, v in params.datasets.items()}, bool(s.drop_duplicates))
         if settings.num_folds < 1:
             raise ConfigError(f"splits.num_folds must be at least 1, got {settings.num_folds}", "params.yaml")
         for name, frac in (("ixi_test_fraction", settings.ixi_test_fraction),
@@ -188,6 +188,10 @@ class SplitSettings:
                                   "params.yaml")
             if not 0.0 < float(spec.get("val_fraction", -1)) < 1.0:
                 raise ConfigError(f"datasets.{name}.val_fraction must lie in (0, 1)", "params.yaml")
+            ignore = spec.get("ignore_labels", [])
+            if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 255 for v in ignore):
+                raise ConfigError(f"datasets.{name}.ignore_labels must list segmentation labels in 1..255, "
+                                  f"got {list(ignore)}", "params.yaml")
         return settings
 
 
@@ -279,6 +283,20 @@ def split_modalities(filename: str, settings: SplitSettings) -> list[str]:
     return [spec["modality"]] if spec else []
 
 
+def _write_without_repeats(src: Path, dest: Path) -> None:
+    """A split CSV with every repeated scan (same img_path) after its first row dropped, format kept."""
+    try:
+        frame = pd.read_csv(src, index_col=0, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"unreadable split CSV ({type(exc).__name__}: {exc})", src) from None
+    if "img_path" not in frame.columns:
+        raise InputFileError("split CSV lacks the column img_path", src)
+    repeated = frame["img_path"].duplicated(keep="first")
+    if repeated.any():
+        log.info("%s: %d repeated rows dropped (splits.drop_duplicates)", src, int(repeated.sum()))
+    frame.loc[~repeated].to_csv(dest, index=True, lineterminator="\n")
+
+
 def build_splits_stage(data_root: str | Path, out_dir: str | Path, settings: SplitSettings) -> list[Path]:
     """The `splits` stage: copy data/splits/*.csv through when present, else write seeded lists.
 
@@ -297,7 +315,10 @@ def build_splits_stage(data_root: str | Path, out_dir: str | Path, settings: Spl
                     raise InputFileError(f"split list {name} is missing (needed by the params' folds and datasets)",
                                          given / name)
             for src in sorted(given.glob("*.csv")):
-                shutil.copyfile(src, tmp / src.name)
+                if settings.drop_duplicates and SPLIT_NAME.match(src.name):
+                    _write_without_repeats(src, tmp / src.name)
+                else:
+                    shutil.copyfile(src, tmp / src.name)
         else:
             for name, frame in make_splits(data_root, settings).items():
                 frame.to_csv(tmp / name, index=True, lineterminator="\n")

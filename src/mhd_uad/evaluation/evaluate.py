@@ -6,7 +6,11 @@ Named steps, in order:
    search), then `test_metrics` (per-volume AUPRC, AUROC, Dice on the test split; the fold-mean mhd map,
    and for the first fold the PR histograms and the gallery's reconstructions, kept as it goes).
 3. `summarise`: mean and std over volumes (averaged over folds) and the std of the fold means, through
-   evaluation.metrics; scans with no lesion voxel on the model grid are counted and left out of AP/AUROC.
+   evaluation.metrics; scans with no lesion voxel on the model grid are counted, named in one warning and
+   left out of AP/AUROC (their Dice counts, their voxels join the val pool), as in the original.
+
+Lesion = segmentation label > 0 (the original), except labels listed in `datasets.<set>.ignore_labels`,
+whose voxels count neither as lesion nor as background (as the WMH challenge evaluates label 2).
 4. Outputs: metrics/<set>.json, PR curves (plots/<set>/), the gallery PNG (best, median, worst scan by the
    first fold's mhd AUPRC, from the first fold's own reconstructions: no second scoring pass), each test
    scan's fold-mean mhd map as NIfTI in its source scan's space, the per-volume CSV, and the MLflow run.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +47,8 @@ from mhd_uad.models.inference import MhdSettings, release_device_memory, score_v
 from mhd_uad.scoring.anomaly_maps import connected_component_filter
 from mhd_uad.tracking import log_evaluation
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EvaluationSet:
@@ -52,6 +59,7 @@ class EvaluationSet:
     prepared: PreparedSet
     val_pos: list[int]
     test_pos: list[int]
+    ignore_labels: tuple[int, ...] = ()  # their voxels count neither as lesion nor as background
 
     @classmethod
     def open(cls, params, dataset: str) -> EvaluationSet:
@@ -63,12 +71,28 @@ class EvaluationSet:
         for part in ("val", "test"):
             csv_path = Path(params.paths.artifacts) / "splits" / f"{dataset}_{part}.csv"
             positions[part] = ps.positions(read_split_csv(csv_path, params.paths.data, modality), csv_path)
-        return cls(dataset, modality, ps, positions["val"], positions["test"])
+        ignore = tuple(int(v) for v in params.datasets[dataset].get("ignore_labels", []))
+        return cls(dataset, modality, ps, positions["val"], positions["test"], ignore)
 
     def volume(self, pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image, brain mask, lesion mask as bool) of the scan at a position of the prepared set."""
+        """(image, brain mask, segmentation label codes) of the scan at a position of the prepared set."""
         ps = self.prepared
-        return np.asarray(ps.images[pos]), np.asarray(ps.masks[pos]), np.asarray(ps.segs[pos]) > 0
+        return np.asarray(ps.images[pos]), np.asarray(ps.masks[pos]), np.asarray(ps.segs[pos])
+
+    def truth(self, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(lesion = label > 0 and not ignored, voxels that count in the metrics or None for all of them)."""
+        if not self.ignore_labels:
+            return seg > 0, None
+        valid = ~np.isin(seg, self.ignore_labels)
+        return (seg > 0) & valid, valid
+
+    def lesion_voxels(self, pos: int) -> int:
+        return int(self.truth(np.asarray(self.prepared.segs[pos]))[0].sum())
+
+
+def _counted(volume: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """The voxels of a volume that count in the metrics (all of them unless labels are ignored)."""
+    return volume if valid is None else volume[valid]
 
 
 @dataclass
@@ -107,10 +131,11 @@ def val_thresholds(model, ev: EvaluationSet, settings: MhdSettings, device, step
     labels = []
     for pos in tqdm(ev.val_pos, desc=f"{ev.dataset} fold {fold} val", unit="scan"):
         image, mask, seg = ev.volume(pos)
+        lesion, valid = ev.truth(seg)
         maps, _ = score_volume(model, image, mask, settings, ev.prepared.names[pos], device)
         for s in settings.scorers:
-            pooled[s].append(maps[s].ravel())
-        labels.append(seg.ravel())
+            pooled[s].append(_counted(maps[s], valid).ravel())
+        labels.append(_counted(lesion, valid).ravel())
     labels = np.concatenate(labels)
     out = {}
     for s in settings.scorers:
@@ -128,21 +153,24 @@ def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: 
     rows = []
     for i, pos in enumerate(tqdm(ev.test_pos, desc=f"{ev.dataset} fold {fold} test", unit="scan")):
         image, mask, seg = ev.volume(pos)
+        lesion, valid = ev.truth(seg)
+        truth = _counted(lesion, valid)
         maps, reco_mean = score_volume(model, image, mask, settings, ev.prepared.names[pos], device)
         store.fold_mean[i] += maps["mhd"] / n_folds
         if histograms is not None:
             store.first_mhd[i], store.first_reco[i] = maps["mhd"], reco_mean
-        row = {"fold": fold, "scan": ev.prepared.names[pos], "lesion_voxels": int(seg.sum())}
+        row = {"fold": fold, "scan": ev.prepared.names[pos], "lesion_voxels": int(truth.sum())}
         for s in settings.scorers:
-            r = results[s]
-            r.auprc.append(per_volume_auprc(maps[s], seg) if seg.any() else np.nan)
-            r.auroc.append(per_volume_auroc(maps[s], seg) if seg.any() else np.nan)
+            r, scores = results[s], _counted(maps[s], valid)
+            # a lesion outside the grid: AP/AUROC undefined (left out of the means), Dice still counted
+            r.auprc.append(per_volume_auprc(scores, truth) if truth.any() else np.nan)
+            r.auroc.append(per_volume_auroc(scores, truth) if truth.any() else np.nan)
             pred = maps[s] > r.threshold
             if s == "l1":
                 pred = connected_component_filter(pred)
-            r.dice.append(dice(pred, seg))
+            r.dice.append(dice(_counted(pred, valid), truth))
             if histograms is not None:
-                histograms[s].add(maps[s], seg)
+                histograms[s].add(scores, truth)
             row[f"{s}_auprc"], row[f"{s}_dice"] = r.auprc[-1], r.dice[-1]
         rows.append(row)
     return rows
@@ -170,10 +198,14 @@ def summarise(per_fold: list[dict[str, ScorerFold]], ev: EvaluationSet, scorers:
             count = sum(int(a > b) for f in per_fold for a, b in zip(f["mhd"].auprc, f[other].auprc, strict=True)
                         if np.isfinite(a))
             wins[f"mhd_beats_{other}"] = count / len(per_fold)
-    ps = ev.prepared
     metrics["volumes"] = {"n_test": len(ev.test_pos), "n_val": len(ev.val_pos), "n_folds": len(per_fold),
-                          "n_without_lesion": int(sum(not ps.segs[p].any() for p in ev.test_pos)), **wins}
+                          "n_without_lesion": len(scans_without_lesion(ev)), **wins}
     return metrics
+
+
+def scans_without_lesion(ev: EvaluationSet) -> list[str]:
+    """Test scans with no lesion voxel on the model grid (e.g. an infratentorial stroke below the crop)."""
+    return [ev.prepared.names[p] for p in ev.test_pos if ev.lesion_voxels(p) == 0]
 
 
 def _finite_or_null(tree):
@@ -196,10 +228,10 @@ def gallery_rows(ev: EvaluationSet, first_fold: dict[str, ScorerFold], store: Ma
     rows = []
     for label, i in pick_gallery_scans(first_fold["mhd"].auprc):
         pos = ev.test_pos[i]
-        image, _, _ = ev.volume(pos)
+        image, _, seg = ev.volume(pos)
         rows.append(GalleryRow(label, ev.prepared.names[pos], float(first_fold["mhd"].auprc[i]), image,
                                np.asarray(store.first_reco[i]), np.asarray(store.first_mhd[i]),
-                               np.asarray(ev.prepared.segs[pos])))
+                               ev.truth(seg)[0].astype(np.uint8)))
     return rows
 
 
@@ -218,6 +250,9 @@ def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
     root = Path(root)
     settings = MhdSettings.from_params(params)
     ev = EvaluationSet.open(params, dataset)
+    if missing := scans_without_lesion(ev):
+        log.warning("%s: %d test scans have no lesion voxel on the model grid (AP/AUROC left out, Dice "
+                    "counted): %s", dataset, len(missing), ", ".join(missing))
     folds = [int(f) for f in params.train.folds]
     device, e = select_device(params), params.evaluate
     histograms = {s: ScoreHistogram() for s in settings.scorers}

@@ -12,7 +12,7 @@ import numpy as np
 from mhd_uad.data.geometry import to_source_space
 from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
 from mhd_uad.errors import ConfigError, MhdUadError
-from mhd_uad.io import save_nifti
+from mhd_uad.io import load_nifti, save_nifti
 from mhd_uad.models.checkpoint import cddpm_path, checkpoint_modality, load_cddpm
 from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
 
@@ -60,5 +60,48 @@ def score_scan(params, scan: str | Path, mask: str | Path, out: str | Path, *, m
     if out_mask is not None:
         lesion = (amap > float(threshold)).astype(np.uint8)
         save_nifti(out_mask, lesion, prepared.geometry.source_affine, dtype=np.uint8)
+        result.update(out_mask=str(out_mask), lesion_voxels=int(lesion.sum()))
+    return result
+
+
+def score_raw_scan(params, scan: str | Path, out: str | Path, *, mask: str | Path | None = None,
+                   modality: str | None = None, template: str | None = None,
+                   checkpoints: list[str | Path] | None = None, threshold: float | None = None,
+                   out_mask: str | Path | None = None, root: str | Path = ".") -> dict:
+    """A scan as the scanner wrote it (any orientation and voxel size, skull, bias field): ingested like the
+    training data (`mhd_uad.ingest`: resample, skull strip with `mask` or HD-BET, register to the template,
+    crop, N4), scored by `score_scan` in template space, and the map brought back through the inverse of the
+    registration onto the raw scan's own grid and affine (zero outside its brain mask)."""
+    import tempfile
+
+    from mhd_uad.ingest.manifest import ScanSpec, nifti_stem
+    from mhd_uad.ingest.scan import ingest_subject, to_raw_space
+    from mhd_uad.ingest.settings import IngestSettings
+    from mhd_uad.ingest.template import load_template
+
+    if (threshold is None) != (out_mask is None):
+        raise MhdUadError("--threshold and --out-mask go together")
+    checkpoints, modality = _checkpoints_and_modality(params, modality, checkpoints, Path(root))
+    settings = IngestSettings.from_params(params).with_template(template)
+    scan = Path(scan)
+    spec = ScanSpec("raw", modality, nifti_stem(scan) or scan.name, scan, Path(mask) if mask else None)
+    subject = ingest_subject([spec], load_template(settings.template, settings.orientation), settings)
+    item = subject.modalities[modality]
+    with tempfile.TemporaryDirectory(prefix="mhd-uad-raw-") as tmp:
+        image_path, mask_path, map_path = (Path(tmp) / f"{n}.nii.gz" for n in ("image", "mask", "map"))
+        save_nifti(image_path, item.image, subject.affine, dtype=np.float32)
+        save_nifti(mask_path, subject.mask, subject.affine, dtype=np.float32)
+        result = score_scan(params, image_path, mask_path, map_path, modality=modality, checkpoints=checkpoints,
+                            root=root)
+        amap, map_affine = load_nifti(map_path, what="anomaly map")
+    raw_map = to_raw_space(amap, map_affine, item.template_to_raw, item.raw_shape, item.raw_affine)
+    raw_map = np.clip(raw_map, 0.0, None) * item.raw_brain
+    save_nifti(out, raw_map, item.raw_affine, dtype=np.float32)
+    result.update(map=str(out), max_score=float(raw_map.max()), skull_strip=item.skull_strip,
+                  template=str(load_template(settings.template, settings.orientation).path),
+                  ingest_seconds={k: round(v, 2) for k, v in subject.timings.items()})
+    if out_mask is not None:
+        lesion = (raw_map > float(threshold)).astype(np.uint8)
+        save_nifti(out_mask, lesion, item.raw_affine, dtype=np.uint8)
         result.update(out_mask=str(out_mask), lesion_voxels=int(lesion.sum()))
     return result

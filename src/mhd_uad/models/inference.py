@@ -84,7 +84,7 @@ def reconstruct_volume(model, image: np.ndarray, settings: MhdSettings, scan: st
                        device: torch.device | str = "cpu") -> np.ndarray:
     """[S, H, W] in [0, 1] -> its N reconstructions [N, S, H, W] (float32, [0, 1] scale)."""
     device = torch.device(device)
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None].to(device)
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[:, None].to(device)  # a copy: memmaps are read-only
     seeds = reconstruction_seeds(settings.seed, scan, settings.num_reconstructions)
     with torch.inference_mode(), _autocast(device, settings.precision):
         cond = model.encode(x)  # once per volume, reused by every reconstruction (method.md §3.4)
