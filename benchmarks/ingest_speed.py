@@ -178,6 +178,21 @@ def show(name: str, r: dict) -> None:
           f"{r['transform_error_max_mm']:.2f} mm; Dice {r['dice']:.3f}; WM CV {r['wm_cv']:.3f}")
 
 
+def _reference_available(module: str, name: str, skip: bool) -> bool:
+    """Whether a reference library is importable (and wanted); says why not."""
+    import importlib
+
+    if skip:
+        print(f"{name} reference skipped (--no-ants)")
+        return False
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        print(f"{name} reference skipped ({exc})")
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ITK threads (default: all)")
@@ -203,26 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         results["simpleitk"] = ours
         show("mhd-uad ingest (SimpleITK)", ours["n4"])
         print(f"{'':28s} WM CV without N4 {ours['no_n4']['wm_cv']:.3f} -> with N4 {ours['n4']['wm_cv']:.3f}")
-        try:
-            if args.no_ants:
-                raise ImportError("--no-ants")
-            import ants  # noqa: F401
-        except ImportError as exc:
-            print(f"ANTsPy reference skipped ({exc})")
-        else:
+        if _reference_available("ants", "ANTsPy", args.no_ants):
             ref = run_ants(image, mask, moved)
             results["antspy"] = ref
             show("original's calls (ANTsPy)", ref)
             print(f"{'':28s} ratio ANTsPy / ours: total {ref['seconds'] / ours['n4']['seconds']:.2f}x, registration "
                   f"{ref['steps']['registration'] / ours['n4']['steps']['registration']:.2f}x, N4 "
                   f"{ref['steps']['n4'] / ours['n4']['steps']['n4']:.2f}x")
-        try:
-            if args.no_ants:
-                raise ImportError("--no-ants")
-            import itk  # noqa: F401
-        except ImportError as exc:
-            print(f"itk-elastix reference skipped ({exc})")
-        else:
+        if _reference_available("itk", "itk-elastix", args.no_ants):
             elx = run_elastix(image, mask, moved)
             results["itk_elastix"] = elx
             print(f"{'itk-elastix affine (default)':28s} registration {elx['registration_seconds']:.1f} s; transform "
