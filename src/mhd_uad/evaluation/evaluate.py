@@ -11,9 +11,10 @@ Named steps, in order:
 
 Lesion = segmentation label > 0 (the original), except labels listed in `datasets.<set>.ignore_labels`,
 whose voxels count neither as lesion nor as background (as the WMH challenge evaluates label 2).
-4. Outputs: metrics/<set>.json, PR curves (plots/<set>/), the gallery PNG (best, median, worst scan by the
-   first fold's mhd AUPRC, from the first fold's own reconstructions: no second scoring pass), each test
-   scan's fold-mean mhd map as NIfTI in its source scan's space, the per-volume CSV, and the MLflow run.
+4. Outputs: metrics/<set>.json and metrics/<set>_per_volume.csv (every scan, fold and scorer), PR curves
+   (plots/<set>/), the gallery PNG (best, median, worst scan by the first fold's mhd AUPRC, from the first
+   fold's own reconstructions: no second scoring pass), each test scan's fold-mean mhd map as NIfTI in its
+   source scan's space, and the MLflow run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from mhd_uad.evaluation.metrics import (
     per_volume_auprc,
     per_volume_auroc,
 )
-from mhd_uad.io import atomic_write_text, replace_dir, save_nifti
+from mhd_uad.io import atomic_path, atomic_write_text, replace_dir, save_nifti
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
 from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
 from mhd_uad.scoring.anomaly_maps import connected_component_filter
@@ -171,7 +172,7 @@ def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: 
             r.dice.append(dice(_counted(pred, valid), truth))
             if histograms is not None:
                 histograms[s].add(scores, truth)
-            row[f"{s}_auprc"], row[f"{s}_dice"] = r.auprc[-1], r.dice[-1]
+            row[f"{s}_auprc"], row[f"{s}_auroc"], row[f"{s}_dice"] = r.auprc[-1], r.auroc[-1], r.dice[-1]
         rows.append(row)
     return rows
 
@@ -218,10 +219,15 @@ def _finite_or_null(tree):
 
 
 def write_per_volume_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    """metrics/<set>_per_volume.csv: scan, fold, lesion voxels and every scorer's AUPRC, AUROC and Dice
+    (6 significant digits; nan where undefined), small and git-tracked so a PR diff shows which scans moved."""
+    def text(value):
+        return f"{value:.6g}" if isinstance(value, float) else value
+
+    with atomic_path(path) as tmp, Path(tmp).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{k: text(v) for k, v in row.items()} for row in rows])
 
 
 def gallery_rows(ev: EvaluationSet, first_fold: dict[str, ScorerFold], store: MapStore) -> list[GalleryRow]:
@@ -269,7 +275,7 @@ def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
             del model
             release_device_memory()
         metrics = summarise(per_fold, ev, settings.scorers)
-        write_per_volume_csv(work / "per_volume.csv", per_volume)
+        write_per_volume_csv(root / "metrics" / f"{dataset}_per_volume.csv", per_volume)
         write_pr_curves(root / "plots" / dataset, histograms, int(e.pr_curve_points))
         gallery = root / "reports" / "gallery" / f"{dataset}.png"
         if e.gallery and (rows := gallery_rows(ev, per_fold[0], store)):
