@@ -195,7 +195,7 @@ def test_soft_mask_values_are_kept_and_weight_the_maps_by_their_square(tmp_path,
     save_nifti(mask, np.where(border, 0.4, data).astype(np.float32), affine)  # as after linear registration
     scan = preprocess_scan(image, mask, seg, PrepareSettings.from_params(demo_params))
     assert scan.mask.dtype == np.float32 and np.isclose(scan.mask, 0.4).any() and scan.mask.max() == 1.0
-    assert set(np.unique(scan.mask)) <= {0.0, 0.4, 1.0} or np.allclose(np.unique(scan.mask), [0.0, 0.4, 1.0])
+    np.testing.assert_allclose(np.unique(scan.mask), [0.0, 0.4, 1.0], rtol=1e-6)  # nearest resampling keeps them
     rng = np.random.default_rng(0)
     recos = np.clip(scan.image[None] + 0.05 * rng.standard_normal((4, *scan.image.shape)), 0, 1).astype(np.float32)
     soft = anomaly_maps(scan.image, recos, scan.mask, scorers=("mhd", "mean"))
@@ -230,7 +230,7 @@ def test_a_lesion_outside_the_model_grid_keeps_the_scan_with_a_warning(tmp_path,
     brain = load_nifti(tmp_path / "data/Test/ATLAS_v2/mask/case1_mask.nii.gz")[0] > 0
     low = np.zeros_like(seg)
     low[18:22, 20:24, 4:6] = 1  # 48-56 mm below the centre: inside the brain, below the 96 mm z field of view
-    assert (low.astype(bool) & brain).all() or (low.astype(bool) & brain).sum() > 8
+    assert (low.astype(bool) & brain).sum() > 8  # the moved lesion lies in the brain
     save_nifti(seg_path, (low.astype(bool) & brain).astype(np.uint8), affine)
     rows = "\n".join(f"{i},case{i},1,/Test/ATLAS_v2/t1/case{i}_t1.nii.gz,/Test/ATLAS_v2/mask/case{i}_mask.nii.gz,"
                      f"/Test/ATLAS_v2/seg/case{i}_seg.nii.gz" for i in range(2))

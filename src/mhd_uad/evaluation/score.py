@@ -85,7 +85,8 @@ def score_raw_scan(params, scan: str | Path, out: str | Path, *, mask: str | Pat
     settings = IngestSettings.from_params(params).with_template(template)
     scan = Path(scan)
     spec = ScanSpec("raw", modality, nifti_stem(scan) or scan.name, scan, Path(mask) if mask else None)
-    subject = ingest_subject([spec], load_template(settings.template, settings.orientation), settings)
+    atlas = load_template(settings.template, settings.orientation)
+    subject = ingest_subject([spec], atlas, settings)
     item = subject.modalities[modality]
     with tempfile.TemporaryDirectory(prefix="mhd-uad-raw-") as tmp:
         image_path, mask_path, map_path = (Path(tmp) / f"{n}.nii.gz" for n in ("image", "mask", "map"))
@@ -98,7 +99,7 @@ def score_raw_scan(params, scan: str | Path, out: str | Path, *, mask: str | Pat
     raw_map = np.clip(raw_map, 0.0, None) * item.raw_brain
     save_nifti(out, raw_map, item.raw_affine, dtype=np.float32)
     result.update(map=str(out), max_score=float(raw_map.max()), skull_strip=item.skull_strip,
-                  template=str(load_template(settings.template, settings.orientation).path),
+                  template=str(atlas.path),
                   ingest_seconds={k: round(v, 2) for k, v in subject.timings.items()})
     if out_mask is not None:
         lesion = (raw_map > float(threshold)).astype(np.uint8)
