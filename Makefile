@@ -32,7 +32,7 @@ demo: $(STAMP) ## generate the demo data when absent, then run the whole DVC pip
 	$(BIN)/dvc status
 
 test: $(STAMP) ## lint, workflow lint, unit tests and the end-to-end pipeline test (what CI runs)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/actionlint .github/workflows/*.yml
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q --durations=10
 

@@ -237,3 +237,80 @@ def test_bad_inputs_name_the_problem(tmp_path):
     ):
         with pytest.raises(MhdUadError):
             generate_demo_dataset(tmp_path / "x", progress=False, **kwargs)
+
+
+def test_scans_come_from_the_training_bases_with_their_notices(generated):
+    root, _ = generated
+    manifest = json.loads((root / "a" / demo.MANIFEST_NAME).read_text())
+    assert set(manifest["bases"]) == set(demo.TRAINING_BASES)
+    used = {scan["base"] for scan in manifest["scans"]}
+    assert used <= set(demo.TRAINING_BASES) and demo.HELD_OUT_BASE not in used
+    assert all(20.0 <= scan["age"] <= 88.0 for scan in manifest["scans"])
+    notice = (root / "a" / demo.NOTICE_NAME).read_text()
+    assert "McConnell Brain Imaging Centre" in notice  # MNI152's copyright notice
+    assert "CC BY-SA 3.0" in notice and "Rohlfing" in notice  # SRI24's licence
+
+
+@pytest.mark.parametrize("name", ["mni152", "sri24", "oasis30"])
+def test_every_base_anatomy_loads_at_one_brain_volume(name):
+    base = demo.load_base_anatomy(voxel_size=VOXEL, name=name)
+    brain_litres = (base.channels[demo.MASK] > 0.5).sum() * VOXEL**3 / 1e6
+    assert brain_litres == pytest.approx(1.45, rel=0.08)
+    pv = demo.tissue_pv(base.channels)
+    assert np.all(pv >= 0.0) and np.all(pv.sum(0) <= 1.0 + 1e-9)
+    deep_ml = pv[3].sum() * VOXEL**3 / 1e3
+    assert 20.0 < deep_ml < 120.0, f"{name}: deep GM {deep_ml:.0f} mL"
+    assert base.name == name and base.notice
+
+
+def test_unknown_base_is_named():
+    with pytest.raises(MhdUadError, match="no_such_base"):
+        demo.load_base_anatomy(voxel_size=VOXEL, name="no_such_base")
+
+
+def test_signal_equations_give_real_tissue_ratios():
+    from mhd_uad.data.demo.tissue import T1wSequence, T2wSequence, tissue_ratios
+
+    t1, t2 = tissue_ratios(T1wSequence()), tissue_ratios(T2wSequence())
+    # Real T1 templates (MNI152 2009a, SRI24, OASIS-30, avg152T1): GM/WM 0.62-0.75, CSF/WM 0.31-0.44.
+    assert 0.6 < t1["gm"] < 0.78 and 0.25 < t1["csf"] < 0.45 and t1["gm"] < t1["dgm"] < 1.0
+    # avg152T2: GM/WM 1.31-1.36, CSF/WM 2.4-2.7 blurred by partial volume; CSF is far brighter unblurred.
+    assert 1.25 < t2["gm"] < 1.5 and t2["csf"] > 2.4 and 1.0 < t2["dgm"] < t2["gm"]
+
+
+def test_acquisition_noise_is_drawn_at_1mm_and_averaged():
+    from mhd_uad.data.demo.acquisition import SNR_1MM, acquire
+
+    shape = (24, 24, 24)
+    brain = np.zeros(shape, dtype=bool)
+    brain[2:-2, 2:-2, 2:-2] = True
+    signal = np.where(brain, 1.0, 0.0)
+    spreads = {}
+    for v in (1.0, 2.0):
+        image = acquire(np.random.default_rng(0), signal, brain, v)
+        inner = image[6:-6, 6:-6, 6:-6]
+        spreads[v] = float(inner.std() / inner.mean())
+    # At 1 mm: sigma = p90 / SNR with SNR in SNR_1MM (the residual bias adds a few percent at most).
+    assert 1.0 / SNR_1MM[1] * 0.8 < spreads[1.0] < 1.0 / SNR_1MM[0] + 0.06
+    # 2 mm voxels average 8 sub-voxels of 1 mm noise: the noise part shrinks by about sqrt(8).
+    assert spreads[2.0] < spreads[1.0] * 0.75
+
+
+def test_held_out_twin_differs_only_at_the_lesion():
+    # MS lesions move no tissue (tumours push, infarcts pull): the twins differ at the lesions alone.
+    base = demo.load_base_anatomy(voxel_size=VOXEL, name=demo.HELD_OUT_BASE)
+    lesioned = demo.simulate_subject(base, "MSLUB", 0, 0, contrasts=("t1",), warp=False)
+    healthy = demo.simulate_subject(base, "MSLUB", 0, 0, contrasts=("t1",), warp=False, lesion=False)
+    assert healthy.seg is None and lesioned.seg.any()
+    assert lesioned.info["base"] == healthy.info["base"] == demo.HELD_OUT_BASE
+    assert np.array_equal(lesioned.mask, healthy.mask)
+    from scipy import ndimage as ndi
+
+    near = ndi.binary_dilation(lesioned.seg > 0, iterations=3)
+    differ = lesioned.images["t1"] != healthy.images["t1"]
+    assert differ[near].any()
+    # The p99 normalisation rescales the whole image a little; elsewhere the twins agree up to that scale,
+    # but for the few voxels of lesions too small to reach f > 0.5 on this 4 mm grid (so not labelled).
+    away = ~near & (healthy.mask > 0)
+    a, b = lesioned.images["t1"][away], healthy.images["t1"][away]
+    assert np.mean(np.abs(a - b * (a @ b) / (b @ b)) > 1e-3) < 0.005

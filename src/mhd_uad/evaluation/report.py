@@ -103,16 +103,27 @@ def write_report(metrics_dir: str | Path, datasets: list[str], profile: str, rep
 
 def update_readme(readme: str | Path, summary_md: str | Path) -> bool:
     """Replace the README's results block with reports/summary.md (without its title); True if changed."""
-    readme, summary_md = Path(readme), Path(summary_md)
+    summary_md = Path(summary_md)
     if not summary_md.is_file():
         raise InputFileError("summary not found (run the report stage)", summary_md)
-    text = readme.read_text(encoding="utf-8")
-    if README_START not in text or README_END not in text:
-        raise InputFileError("README has no results markers", readme)
     body = summary_md.read_text(encoding="utf-8").split("\n", 2)[2].strip()
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_START}\n{body}\n{README_END}{tail}"
+    return replace_readme_block(readme, README_START, README_END, body)
+
+
+def markdown_body(path: str | Path) -> str:
+    """A written report's markdown without its first-line title (what the README shows)."""
+    return Path(path).read_text(encoding="utf-8").split("\n", 2)[2].strip()
+
+
+def replace_readme_block(readme: str | Path, start: str, end: str, body: str) -> bool:
+    """Put `body` between the README's `start` and `end` marker lines; True if the README changed."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise InputFileError(f"README has no {start!r} ... {end!r} markers", readme)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{body}\n{end}{tail}"
     if new != text:
         atomic_write_text(readme, new)
     return new != text

@@ -8,15 +8,14 @@ acquisition (bias field, blur, Rician noise); every subject draws from its own s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 
-from mhd_uad.data.demo.anatomy import GM, MASK, T1, TEXTURE, BaseAnatomy, _warp_subject
-from mhd_uad.data.demo.datasets import DATASETS
+from mhd_uad.data.demo.anatomy import RENDERED_TISSUES, T1, TEXTURE, BaseAnatomy, _warp_subject, tissue_pv
+from mhd_uad.data.demo.datasets import DATASETS, sample_age
 from mhd_uad.data.demo.lesions import (
     LESION_PLANNERS,
     add_healthy_distractors,
@@ -24,12 +23,12 @@ from mhd_uad.data.demo.lesions import (
     widen_sulci,
 )
 from mhd_uad.data.demo.tissue import HEALTHY_TISSUES, T1wSequence, T2wSequence, TissueProperties
-from mhd_uad.data.demo.warps import compose_backward_maps, healthy_backward_map, smooth_noise
+from mhd_uad.data.demo.warps import _grid_mm, compose_backward_maps, healthy_backward_map, smooth_noise
 
 
 def _mix_signal(pv: np.ndarray, healthy: dict[str, TissueProperties], components, sequence, heterogeneity):
     """S = (1 - F) S_healthy + sum_j f_j S_j (lesion signals with per-voxel heterogeneity)."""
-    s_tissue = [sequence.signal(healthy[k]) for k in ("gm", "wm", "csf")]
+    s_tissue = [sequence.signal(healthy[k]) for k in RENDERED_TISSUES]
     signal = np.tensordot(np.array(s_tissue), pv, axes=1)
     if not components:
         return signal
@@ -42,16 +41,46 @@ def _mix_signal(pv: np.ndarray, healthy: dict[str, TissueProperties], components
     return mixed
 
 
-def acquire(rng: np.random.Generator, signal: np.ndarray, brain: np.ndarray, v: float) -> np.ndarray:
-    """Bias field, optional blur, Rician noise, skull strip, p99 -> 1; rounded to 1e-5 for determinism."""
-    bias = np.exp(rng.uniform(0.1, 0.3) * smooth_noise(rng, signal.shape, 30.0, v))
+# Residual bias of an N4-corrected scan: exp(a * field), a ~ U(0.02, 0.05), 30 mm correlation (a few percent;
+# the published data are N4-corrected, method.md §2.2). Noise: Rician at 1 mm with sigma = WM signal /
+# U(18, 32), i.e. WM / U(50, 90) once averaged to 2 mm, a real scan's SNR (demo-data.md §4.4 measured that
+# these two settings decide whether a model trained on the demo data transfers to real scans; it set sigma
+# from the brain's p90, which is WM on T1; on T2 WM is the darkest tissue, so the WM signal is the reference).
+BIAS_AMPLITUDE = (0.02, 0.05)
+# T2 carries the real T1's anatomical texture sign-flipped (demo-data.md §4.1.3) at this gain.
+T2_TEXTURE_GAIN = 0.8
+SNR_1MM = (18.0, 32.0)
+ACQUISITION_MM = 1.0
+
+
+def acquire(
+    rng: np.random.Generator, signal: np.ndarray, brain: np.ndarray, v: float, wm: np.ndarray | None = None
+) -> np.ndarray:
+    """Residual bias, Rician noise at 1 mm averaged to the `v` mm grid, skull strip, p99 -> 1.
+
+    The noise level is set against the median signal of `wm` (voxels of nearly pure white matter), or of
+    the brain's p90 when `wm` is None or empty.
+
+    The signal is a PV mix, linear in the tissue fractions, so the signal on the `v` mm grid equals a 1 mm
+    render averaged over each voxel; the noise is drawn at the 1 mm acquisition resolution (each `v` mm voxel
+    split into k^3 sub-voxels, k = round(v / 1 mm)), made Rician there and averaged back, as a scanner's 1 mm
+    image resampled to `v` mm would be. Rounded to 1e-5 for determinism.
+    """
+    bias = np.exp(rng.uniform(*BIAS_AMPLITUDE) * smooth_noise(rng, signal.shape, 30.0, v))
     image = signal * bias
-    if rng.random() < 0.5:
-        image = ndi.gaussian_filter(image, rng.uniform(0.2, 0.7, 3))
-    sigma = np.percentile(image[brain], 90) / rng.uniform(15.0, 40.0)
-    real = image + sigma * rng.standard_normal(image.shape)
-    imag = sigma * rng.standard_normal(image.shape)
-    image = np.sqrt(real**2 + imag**2) * brain
+    reference = np.median(image[wm]) if wm is not None and wm.any() else np.percentile(image[brain], 90)
+    sigma = reference / rng.uniform(*SNR_1MM)
+    k = max(int(round(v / ACQUISITION_MM)), 1)
+    fine = image
+    for axis in range(3):
+        fine = np.repeat(fine, k, axis=axis)
+    real = fine + sigma * rng.standard_normal(fine.shape)
+    imag = sigma * rng.standard_normal(fine.shape)
+    magnitude = np.sqrt(real**2 + imag**2)
+    if k > 1:
+        x, y, z = image.shape
+        magnitude = magnitude.reshape(x, k, y, k, z, k).mean(axis=(1, 3, 5))
+    image = magnitude * brain
     image /= max(float(np.percentile(image[brain], 99)), 1e-12)
     return np.round(image, 5).astype(np.float32) * brain
 
@@ -64,6 +93,7 @@ class SyntheticScan:
     mask: np.ndarray
     seg: np.ndarray | None
     info: dict
+    tissue: np.ndarray | None = None  # (4, X, Y, Z) PV of cortical GM, WM, CSF, deep GM (RENDERED_TISSUES)
 
 
 @contextlib.contextmanager
@@ -81,19 +111,41 @@ def subject_seed_sequence(seed: int, dataset: str, index: int) -> np.random.Seed
     return np.random.SeedSequence(entropy=int(seed), spawn_key=(DATASETS[dataset][0], int(index)))
 
 
+def _pick_base(rng: np.random.Generator, bases) -> BaseAnatomy:
+    if isinstance(bases, BaseAnatomy):
+        return bases
+    names = sorted(bases)
+    return bases[names[int(rng.integers(len(names)))]]
+
+
 def simulate_subject(
-    base: BaseAnatomy, dataset: str, index: int, seed: int, contrasts: Sequence[str] | None = None
+    bases: BaseAnatomy | Mapping[str, BaseAnatomy],
+    dataset: str,
+    index: int,
+    seed: int,
+    contrasts: Sequence[str] | None = None,
+    *,
+    warp: bool = True,
+    lesion: bool = True,
 ) -> SyntheticScan:
-    """Generate one subject of `dataset` on the working grid (no I/O)."""
-    lesion_type = DATASETS[dataset][4]
+    """Generate one subject of `dataset` on the working grid (no I/O), from one base or a drawn one.
+
+    `warp=False` renders the base anatomy as it is (no affine, elastic or atrophy warp: the generalisation
+    benchmark's held-out anatomy); `lesion=False` leaves out the set's lesion and keeps every other draw,
+    so the pair (lesion=True, lesion=False) differs only by the lesion (and its mass effect).
+    """
+    lesion_type = DATASETS[dataset][4] if lesion else "none"
     contrasts = tuple(contrasts or DATASETS[dataset][3])
     ss = subject_seed_sequence(seed, dataset, index)
-    geometry_ss, tissue_ss, distractor_ss, lesion_ss, t1_ss, t2_ss = ss.spawn(6)
+    geometry_ss, tissue_ss, distractor_ss, lesion_ss, t1_ss, t2_ss, subject_ss = ss.spawn(7)
     geometry_rng, tissue_rng = np.random.default_rng(geometry_ss), np.random.default_rng(tissue_ss)
+    subject_rng = np.random.default_rng(subject_ss)
+    base = _pick_base(subject_rng, bases)
+    age = sample_age(subject_rng, dataset)
     v = base.voxel_size
 
     with _torch_deterministic():
-        points = healthy_backward_map(geometry_rng, base)
+        points = healthy_backward_map(geometry_rng, base, age) if warp else _grid_mm(base.shape, v)
         anat = _warp_subject(base, points)
         plan = None
         if lesion_type != "none":
@@ -103,21 +155,24 @@ def simulate_subject(
                 points = compose_backward_maps(points, plan.second_map, v)
                 anat = _warp_subject(base, points)
 
-    # Tissue-parameter jitter x U(0.93, 1.07) per subject (scanner differences), sequence jitter (§4.1.2-3).
+    # Tissue-parameter jitter x U(0.93, 1.07) per subject (scanner differences), sequence jitter around IXI's.
     tissues = {k: t.scaled(*tissue_rng.uniform(0.93, 1.07, 3)) for k, t in HEALTHY_TISSUES.items()}
     t1w = T1wSequence(
-        tr=tissue_rng.uniform(18.0, 22.0),
-        te=tissue_rng.uniform(3.0, 5.0),
-        flip_deg=tissue_rng.uniform(22.0, 28.0),
+        tr=tissue_rng.uniform(9.3, 10.3),
+        flip_deg=tissue_rng.uniform(7.0, 9.0),
+        ti=tissue_rng.uniform(740.0, 780.0),
     )
-    t2w = T2wSequence(tr=tissue_rng.uniform(3000.0, 6000.0), te=tissue_rng.uniform(80.0, 120.0))
-    lesion_jitter = tissue_rng.uniform(0.85, 1.15, 3)
+    t2w = T2wSequence(tr=tissue_rng.uniform(4500.0, 7000.0), te=tissue_rng.uniform(90.0, 110.0))
+    # Lesion T1 x U(0.93, 1.07) like the healthy tissues (the inversion-prepared T1w signal is steep in T1:
+    # +-15 % would turn WMH bright), T2 x U(0.85, 1.15) as demo-data.md §4.2, PD x U(0.95, 1.05).
+    lesion_jitter = tissue_rng.uniform([0.93, 0.85, 0.95], [1.07, 1.15, 1.05])
     heterogeneity = np.exp(0.12 * smooth_noise(tissue_rng, anat.shape, 3.0, v))
     t2_texture_noise = smooth_noise(tissue_rng, anat.shape, 4.0, v)
 
-    pv_nominal = anat.channels[GM:MASK].copy()
+    pv_nominal = tissue_pv(anat.channels)
     distractor_rng = np.random.default_rng(distractor_ss)
-    widen_sulci(distractor_rng, anat)
+    if warp:
+        widen_sulci(distractor_rng, anat, age)
     components, voids = add_healthy_distractors(distractor_rng, anat)
 
     seg, info = None, {}
@@ -131,20 +186,24 @@ def simulate_subject(
         components = components + [(f, t.scaled(*lesion_jitter)) for f, t in lesion_components]
 
     brain = anat.brain
-    pv = anat.channels[GM:MASK]
+    pv = tissue_pv(anat.channels)
+    pure_wm = brain & (pv[1] > 0.9)
     images = {}
     if "t1" in contrasts:
         # The real template T1, multiplied by the ratio of this subject's model to the nominal healthy model.
         subject = _mix_signal(pv, tissues, components, t1w, heterogeneity)
         nominal = _mix_signal(pv_nominal, HEALTHY_TISSUES, [], T1wSequence(), 1.0)
         ratio = np.clip(subject / np.maximum(nominal, 1e-9), 0.0, 3.0)
-        images["t1"] = acquire(np.random.default_rng(t1_ss), anat.channels[T1] * ratio * brain, brain, v)
+        images["t1"] = acquire(
+            np.random.default_rng(t1_ss), anat.channels[T1] * ratio * brain, brain, v, pure_wm
+        )
     if "t2" in contrasts:
         subject = _mix_signal(pv, tissues, components, t2w, heterogeneity)
-        texture = (1.0 - 0.8 * anat.channels[TEXTURE]) * np.exp(0.03 * t2_texture_noise)
+        texture = (1.0 - T2_TEXTURE_GAIN * anat.channels[TEXTURE]) * np.exp(0.03 * t2_texture_noise)
         signal = subject * texture * (1.0 - 0.8 * np.clip(voids, 0.0, 1.0))
-        images["t2"] = acquire(np.random.default_rng(t2_ss), signal * brain, brain, v)
+        images["t2"] = acquire(np.random.default_rng(t2_ss), signal * brain, brain, v, pure_wm)
     mask = brain.astype(np.uint8)
     if seg is not None:
         seg = (seg * mask).astype(np.uint8)
-    return SyntheticScan(images, mask, seg, info)
+    info = {**info, "base": base.name, "age": round(age, 1)}
+    return SyntheticScan(images, mask, seg, info, pv)

@@ -1,8 +1,9 @@
 """The base anatomy on the working grid, and the warped subject made from it.
 
-`load_base_anatomy` reads a template (default: nilearn's MNI152; or a user T1 with GM/WM/CSF probability
-maps), puts it in RAS order on a `voxel_size` mm grid and derives the maps the lesion recipes need (T1
-texture, depth below the surface, ventricles); `SubjectAnatomy` is one subject's warped copy of it.
+`load_base_anatomy` reads a named base (`bases`: MNI152, SRI24, OASIS-30) or a user T1 with GM/WM/CSF
+probability maps, scales it to one adult brain volume, puts it in RAS order on a `voxel_size` mm grid and
+derives the maps the lesion recipes need (T1 texture, depth below the surface, ventricles, deep GM);
+`SubjectAnatomy` is one subject's warped copy of it.
 """
 
 from __future__ import annotations
@@ -18,18 +19,28 @@ from mhd_uad.data.demo.warps import warp_volumes
 from mhd_uad.errors import InputFileError, MhdUadError
 from mhd_uad.io import load_nifti
 
-# Channels of BaseAnatomy.channels, warped together for every subject.
-T1, GM, WM, CSF, MASK, TEXTURE, DEPTH, D_VENT, VENT = range(9)
-_N_CHANNELS = 9
+# Channels of BaseAnatomy.channels, warped together for every subject. GM includes deep GM (DGM is its deep
+# part), so that the lesion recipes can keep treating GM as all grey matter.
+T1, GM, WM, CSF, MASK, TEXTURE, DEPTH, D_VENT, VENT, DGM = range(10)
+_N_CHANNELS = 10
+# Order of the rendered tissue classes (tissue_pv): cortical GM, WM, CSF, deep GM.
+RENDERED_TISSUES = ("gm", "wm", "csf", "dgm")
+
+
+def tissue_pv(channels: np.ndarray) -> np.ndarray:
+    """(4, X, Y, Z) partial volumes of the rendered classes: cortical GM, WM, CSF, deep GM."""
+    dgm = np.minimum(channels[DGM], channels[GM])
+    return np.stack([channels[GM] - dgm, channels[WM], channels[CSF], dgm])
 
 
 @dataclass
 class BaseAnatomy:
     """A template resampled to the working grid, with the derived maps the lesion recipes need.
 
-    `channels` is (9, X, Y, Z) float64 in RAS order: T1, GM, WM, CSF, brain mask (soft), T1 texture
+    `channels` is (10, X, Y, Z) float64 in RAS order: T1, GM, WM, CSF, brain mask (soft), T1 texture
     (relative deviation from the PV model), depth below the brain surface (mm), distance to the
-    ventricles (mm), ventricle map. Coordinates in "grid mm" are index * voxel_size; world = origin + that.
+    ventricles (mm), ventricle map, deep GM. Coordinates in "grid mm" are index * voxel_size; world =
+    origin + that.
     """
 
     channels: np.ndarray
@@ -41,6 +52,8 @@ class BaseAnatomy:
     midline_mm: float  # x of the mid-sagittal plane, grid mm
     description: str
     files: tuple[str, ...]
+    name: str = "custom"
+    notice: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -55,27 +68,6 @@ def _to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     out = nib.orientations.apply_orientation(data, ornt)
     new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
     return np.ascontiguousarray(out), new_affine
-
-
-def _load_default_base() -> tuple[dict[str, np.ndarray], np.ndarray, str, tuple[str, ...]]:
-    try:
-        from nilearn import datasets
-    except ImportError as exc:  # pragma: no cover - nilearn is a hard dependency
-        raise MhdUadError(
-            f"the default demo base needs nilearn ({exc}); pass base_t1 and base_tissues"
-        ) from None
-    images = {
-        "t1": datasets.load_mni152_template(resolution=1),
-        "mask": datasets.load_mni152_brain_mask(resolution=1),
-        "gm": datasets.load_mni152_gm_template(resolution=1),
-        "wm": datasets.load_mni152_wm_template(resolution=1),
-    }
-    affine = np.asarray(images["t1"].affine, dtype=np.float64)
-    arrays = {k: np.asarray(img.dataobj, dtype=np.float64) for k, img in images.items()}
-    # CSF is whatever of the brain mask is neither GM nor WM (demo-data.md "Source of anatomy").
-    arrays["csf"] = np.clip((arrays["mask"] > 0.5) - arrays["gm"] - arrays["wm"], 0.0, 1.0)
-    files = ("mni_icbm152_t1_tal_nlin_sym_09a (nilearn)", "mni_icbm152_gm/wm_tal_nlin_sym_09a (nilearn)")
-    return arrays, affine, "MNI ICBM 152 2009a nonlinear symmetric, 1 mm (nilearn)", files
 
 
 def _tissue_paths(base_tissues) -> dict[str, Path]:
@@ -143,44 +135,61 @@ def _resample_to_grid(arr: np.ndarray, spacing: np.ndarray, start_idx: np.ndarra
     )
 
 
-# MNI152 brains are larger than a typical adult brain and than SRI24, the atlas the real data are affinely
-# registered to (method.md §2.2): 0.92 per axis brings the MNI brain mask from 1.88 L to about 1.46 L [approx].
-BRAIN_SCALE = 0.92
+# Every base is scaled to one adult brain volume (brain mask > 0.5): MNI152's mask is 1.88 L, larger than a
+# typical adult brain and than SRI24 (1.40 L of GM+WM+CSF), the atlas the real data are registered to
+# (method.md §2.2); 1.45 L is about SRI24's and OASIS-30's [approximate].
+TARGET_BRAIN_LITRES = 1.45
 
 _BASE_CACHE: dict[tuple, BaseAnatomy] = {}
 
 
-def load_base_anatomy(base_t1=None, base_tissues=None, voxel_size: float = 2.0) -> BaseAnatomy:
-    """Load a template (default: nilearn's MNI152) and prepare it on a `voxel_size` mm grid (cached)."""
+def load_base_anatomy(
+    base_t1=None, base_tissues=None, voxel_size: float = 2.0, name: str = "mni152"
+) -> BaseAnatomy:
+    """Load a named base anatomy (bases.BASE_NAMES) or a user T1 + tissue maps on a `voxel_size` mm grid."""
+    custom = base_t1 is not None or base_tissues is not None
     key = (
         None if base_t1 is None else str(Path(base_t1).resolve()),
         None if base_tissues is None else repr(base_tissues),
         float(voxel_size),
+        None if custom else name,
     )
     if key in _BASE_CACHE:
         return _BASE_CACHE[key]
-    if base_t1 is None and base_tissues is None:
-        arrays, affine, description, files = _load_default_base()
-    else:
+    if custom:
         arrays, affine, description, files = _load_custom_base(base_t1, base_tissues)
+        notice, source = "", base_t1
+    else:
+        from mhd_uad.data.demo.bases import load_base_arrays
+
+        loaded = load_base_arrays(name)
+        arrays, affine = dict(loaded.arrays), loaded.affine
+        description, files, notice, source = (
+            loaded.description,
+            loaded.files,
+            loaded.notice,
+            f"the {name} base",
+        )
     for k in list(arrays):
         arrays[k], ras_affine = _to_ras(arrays[k], affine)
     affine = ras_affine
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     mask1 = arrays["mask"] > 0.5
+    scale = (TARGET_BRAIN_LITRES * 1e6 / (mask1.sum() * np.prod(spacing))) ** (1.0 / 3.0)
     idx = np.argwhere(mask1)
     # Brain bounding box with a 6 mm margin (demo-data.md §4.1), on the new grid.
     lo_mm = (idx.min(0) * spacing) - 6.0
     hi_mm = (idx.max(0) * spacing) + 6.0
-    # The demo atlas space is the template shrunk by BRAIN_SCALE; a grid voxel covers voxel_size / scale there.
-    template_step = voxel_size / BRAIN_SCALE
+    # The demo atlas space is the template scaled by `scale`; a grid voxel covers voxel_size / scale there.
+    template_step = voxel_size / scale
     shape = np.ceil((hi_mm - lo_mm) / template_step).astype(int) + 1
     start_idx = lo_mm / spacing
-    origin_mm = BRAIN_SCALE * (affine[:3, :3] @ start_idx + affine[:3, 3])
+    origin_mm = scale * (affine[:3, :3] @ start_idx + affine[:3, 3])
     channels = np.zeros((_N_CHANNELS, *shape), dtype=np.float64)
-    for ch, name in ((T1, "t1"), (GM, "gm"), (WM, "wm"), (CSF, "csf"), (MASK, "mask")):
-        src = mask1.astype(np.float64) if name == "mask" else arrays[name]
-        channels[ch] = _resample_to_grid(src, spacing, start_idx, shape, template_step)
+    for ch, key_ in ((T1, "t1"), (GM, "gm"), (WM, "wm"), (CSF, "csf"), (MASK, "mask"), (DGM, "dgm")):
+        if key_ in arrays:
+            src = mask1.astype(np.float64) if key_ == "mask" else arrays[key_]
+            channels[ch] = _resample_to_grid(src, spacing, start_idx, shape, template_step)
     channels[GM:MASK] = np.clip(channels[GM:MASK], 0.0, 1.0)
     channels[MASK] = np.clip(channels[MASK], 0.0, 1.0)
     brain = channels[MASK] > 0.5
@@ -189,28 +198,51 @@ def load_base_anatomy(base_t1=None, base_tissues=None, voxel_size: float = 2.0) 
     channels[GM:MASK] *= np.where(pv_sum > 1.0, 1.0 / np.maximum(pv_sum, 1e-9), 1.0)
     channels[T1] = np.clip(channels[T1], 0.0, None) * channels[MASK]
 
-    _add_texture(channels, brain, base_t1)
     v = voxel_size
     vent = _add_depth_and_ventricles(channels, brain, v)
+    if "dgm" not in arrays:
+        _estimate_deep_gm(channels)
+    channels[DGM] = np.clip(np.minimum(channels[DGM], channels[GM]), 0.0, 1.0)
+    _add_texture(channels, brain, source)
     centre, vent_centre, lateral, midline = _landmarks(brain, vent, shape, v)
     base = BaseAnatomy(
-        channels, float(v), origin_mm, centre, vent_centre, lateral, midline, description, files
+        channels,
+        float(v),
+        origin_mm,
+        centre,
+        vent_centre,
+        lateral,
+        midline,
+        description,
+        files,
+        "custom" if custom else name,
+        notice,
     )
     _BASE_CACHE[key] = base
     return base
 
 
-def _add_texture(channels: np.ndarray, brain: np.ndarray, base_t1) -> None:
+def _estimate_deep_gm(channels: np.ndarray) -> None:
+    """Deep GM for bases that do not label it: GM at least ~25 mm below the surface within ~12 mm of the
+    ventricles (caudate, putamen, pallidum and thalamus lie there; the cortical ribbon, insula included,
+    does not): 57 mL on MNI152 and 75 mL on SRI24, against 46 mL labelled in OASIS-30 [approximate: a
+    geometric stand-in for a subcortical atlas]."""
+    deep = 1.0 / (1.0 + np.exp(-(channels[DEPTH] - 25.0) / 2.0))
+    near = 1.0 / (1.0 + np.exp(-(12.0 - channels[D_VENT]) / 2.0))
+    channels[DGM] = channels[GM] * deep * near
+
+
+def _add_texture(channels: np.ndarray, brain: np.ndarray, source) -> None:
     """Fill the TEXTURE channel and scale T1 so that WM = 1 (in place)."""
     # T1 texture: relative deviation of the real T1 from its own PV model (demo-data.md §4.1.3).
-    pv = channels[GM:MASK][:, brain].T
-    mu, *_ = np.linalg.lstsq(pv, channels[T1][brain], rcond=None)
+    pv = tissue_pv(channels)
+    mu, *_ = np.linalg.lstsq(pv[:, brain].T, channels[T1][brain], rcond=None)
     if not (mu[1] > mu[0] > mu[2] > 0):
         raise InputFileError(
             f"the base T1 does not look T1-weighted (mean WM {mu[1]:.3g}, GM {mu[0]:.3g}, CSF {mu[2]:.3g})",
-            base_t1 if base_t1 is not None else "nilearn MNI152",
+            source,
         )
-    model = np.tensordot(mu, channels[GM:MASK], axes=1)
+    model = np.tensordot(mu, pv, axes=1)
     channels[TEXTURE] = np.where(brain, np.clip(channels[T1] / np.maximum(model, 1e-6) - 1.0, -0.4, 0.4), 0.0)
     channels[T1] /= mu[1]  # WM = 1: keeps custom bases in the same units
 

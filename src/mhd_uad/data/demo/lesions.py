@@ -37,7 +37,7 @@ from mhd_uad.data.demo.tissue import (
     STROKE_SIGMA,
     WMH_MEDIAN_ML,
 )
-from mhd_uad.data.demo.warps import _grid_mm, _radial_dilation, _rotation, smooth_noise
+from mhd_uad.data.demo.warps import _grid_mm, _radial_dilation, _rotation, atrophy_level, smooth_noise
 
 # ---------------------------------------------------------------------------------------------------
 # Soft painting
@@ -171,10 +171,10 @@ def add_healthy_distractors(rng: np.random.Generator, anat: SubjectAnatomy) -> t
     return components, voids
 
 
-def widen_sulci(rng: np.random.Generator, anat: SubjectAnatomy) -> None:
-    """Cortical atrophy: move some GM next to CSF into CSF (healthy and lesioned alike, §4.1.1)."""
+def widen_sulci(rng: np.random.Generator, anat: SubjectAnatomy, age: float = 50.0) -> None:
+    """Cortical atrophy growing with age: move some GM next to CSF into CSF (healthy and lesioned alike)."""
     ch, v = anat.channels, anat.v
-    amount = rng.uniform(0.0, 0.5)
+    amount = float(np.clip(0.05 + 0.45 * atrophy_level(age) + rng.normal(0.0, 0.05), 0.0, 0.6))
     near_csf = ndi.gaussian_filter(ch[CSF], 1.5 / v)
     moved = amount * ch[GM] * np.clip(near_csf * 2.0, 0.0, 1.0) * (ch[DEPTH] < 25.0)
     ch[GM] -= moved
@@ -447,9 +447,7 @@ def _territorial_infarct(
             break
         if angle >= np.deg2rad(75.0):
             # Still short of a large infarct: let it spread through the hemisphere's tissue.
-            chosen = _grow_region(
-                -np.sqrt(np.sum(d**2, axis=-1)), hemisphere_tissue, chosen, n_target
-            )
+            chosen = _grow_region(-np.sqrt(np.sum(d**2, axis=-1)), hemisphere_tissue, chosen, n_target)
             break
         angle += np.deg2rad(5.0)  # the cone is too small for the volume: widen the territory
     return chosen

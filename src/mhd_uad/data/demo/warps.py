@@ -54,8 +54,15 @@ def _radial_dilation(points: np.ndarray, centre: np.ndarray, amount: float, sigm
     return -amount * d * g[..., None]
 
 
-def healthy_backward_map(rng: np.random.Generator, base: BaseAnatomy) -> np.ndarray:
-    """Subject grid mm -> template grid mm: affine, elastic and atrophy in one map (demo-data.md §4.1.1)."""
+def atrophy_level(age: float) -> float:
+    """0 at 20 years, 1 at 86: brain atrophy grows faster than linearly with age [approximate]."""
+    return float(np.clip((age - 20.0) / 66.0, 0.0, 1.2) ** 1.5)
+
+
+def healthy_backward_map(rng: np.random.Generator, base: BaseAnatomy, age: float = 50.0) -> np.ndarray:
+    """Subject grid mm -> template grid mm: affine, elastic and atrophy in one map (demo-data.md §4.1.1).
+
+    Ventricle enlargement follows the subject's age (`atrophy_level`) plus a subject-level spread."""
     shape, v = base.shape, base.voxel_size
     p = _grid_mm(shape, v)
     angles = np.deg2rad(rng.uniform(-6.0, 6.0, 3))
@@ -71,7 +78,7 @@ def healthy_backward_map(rng: np.random.Generator, base: BaseAnatomy) -> np.ndar
     elastic = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=True)[0].numpy()
     q += np.moveaxis(elastic, 0, -1)
     # Atrophy, for healthy and lesioned alike so that age is not the anomaly signal (§4.1.1).
-    ventricle_growth = rng.uniform(0.0, 0.3)
+    ventricle_growth = float(np.clip(0.02 + 0.3 * atrophy_level(age) + rng.normal(0.0, 0.04), 0.0, 0.45))
     q += _radial_dilation(p, base.vent_centre_mm, ventricle_growth, (18.0, 30.0, 15.0))
     return q
 
