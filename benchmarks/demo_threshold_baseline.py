@@ -7,7 +7,10 @@ AUROC of a per-volume mean-intensity classifier healthy vs lesioned, which shoul
 (demo-data.md §4.3).
 
     python benchmarks/demo_threshold_baseline.py --data data
-    python benchmarks/demo_threshold_baseline.py --generate --seed 0 [--workers 2]
+    python benchmarks/demo_threshold_baseline.py --generate [--seeds 0 1 2 3] [--workers 2]
+
+With --generate, every seed's dataset is generated into a temporary directory and reported, then a summary
+gives each set's Thresh AP per seed and flags any outside a factor of two of the paper's.
 """
 
 from __future__ import annotations
@@ -106,13 +109,58 @@ def print_report(results: dict) -> None:
         )
 
 
+def _generate_and_evaluate(tmp: str, seed: int, args) -> dict:
+    from mhd_uad.data.demo import generate_demo_dataset
+
+    data = Path(tmp) / f"data_seed{seed}"
+    started = time.perf_counter()
+    summary = generate_demo_dataset(
+        data,
+        seed=seed,
+        n_healthy=args.n_healthy,
+        n_per_test_set=args.n_per_test_set,
+        voxel_size=args.voxel_size,
+        workers=args.workers,
+        progress=False,
+    )
+    print(
+        f"\nseed {seed}: generated {sum(summary['counts'].values())} scans ({args.voxel_size} mm, "
+        f"{args.workers} worker(s)) in {time.perf_counter() - started:.1f} s"
+    )
+    for name, vol in summary["lesion_volume_ml"].items():
+        print(f"  {name:<10} lesion mL min/median/max {vol['min']:.2f} / {vol['median']:.2f} / {vol['max']:.2f}")
+    results = evaluate(data)
+    print_report(results)
+    return results
+
+
+def print_seed_summary(by_seed: dict[int, dict]) -> bool:
+    """Thresh AP % per set and seed, flagged outside x2 of the paper; True when every entry is within."""
+    seeds = list(by_seed)
+    print("\nThresh AP % per seed (paper in brackets; * = outside a factor of two)")
+    print(f"{'set':<10} {'paper':>7} " + " ".join(f"{'seed ' + str(s):>9}" for s in seeds))
+    ok = True
+    for name, paper in PAPER_THRESH_AUPRC.items():
+        cells = []
+        for s in seeds:
+            r = by_seed[s]["sets"].get(name)
+            if r is None:
+                cells.append(f"{'-':>9}")
+                continue
+            inside = 0.5 <= r["ap_percent"] / paper <= 2.0
+            ok &= inside
+            cells.append(f"{r['ap_percent']:>8.2f}{' ' if inside else '*'}")
+        print(f"{name:<10} {paper:>7.2f} " + " ".join(cells))
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="demo data root (Train/, Test/)")
     parser.add_argument(
-        "--generate", action="store_true", help="generate a dataset into a temporary directory first"
+        "--generate", action="store_true", help="generate each seed's dataset into a temporary directory"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="with --generate")
     parser.add_argument("--n-healthy", type=int, default=40)
     parser.add_argument("--n-per-test-set", type=int, default=12)
     parser.add_argument("--voxel-size", type=float, default=2.0)
@@ -121,32 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.generate and args.data is None:
         parser.error("give --data DIR or --generate")
     try:
+        if not args.generate:
+            if not args.data.is_dir():
+                raise MhdUadError("demo data directory not found", args.data)
+            print_report(evaluate(args.data))
+            return 0
         with tempfile.TemporaryDirectory(prefix="mhd-uad-demo-") as tmp:
-            data = args.data
-            if args.generate:
-                from mhd_uad.data.demo import generate_demo_dataset
-
-                data = args.data or Path(tmp) / "data"
-                started = time.perf_counter()
-                summary = generate_demo_dataset(
-                    data,
-                    seed=args.seed,
-                    n_healthy=args.n_healthy,
-                    n_per_test_set=args.n_per_test_set,
-                    voxel_size=args.voxel_size,
-                    workers=args.workers,
-                )
-                print(
-                    f"generated {sum(summary['counts'].values())} scans (seed {args.seed}, "
-                    f"{args.voxel_size} mm, {args.workers} worker(s)) in {time.perf_counter() - started:.1f} s"
-                )
-                for name, vol in summary["lesion_volume_ml"].items():
-                    print(
-                        f"  {name:<10} lesion mL min/median/max {vol['min']:.2f} / {vol['median']:.2f} / {vol['max']:.2f}"
-                    )
-            elif not data.is_dir():
-                raise MhdUadError("demo data directory not found", data)
-            print_report(evaluate(data))
+            by_seed = {seed: _generate_and_evaluate(tmp, seed, args) for seed in args.seeds}
+        print_seed_summary(by_seed)
     except MhdUadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,7 +1,8 @@
 """Evaluation throughput: scans per second through reconstruction and scoring, and peak memory.
 
-One scan = the encoder once, N reconstructions of every slice (batched UNet passes), then the six
-anomaly maps (MHD via the low-rank solve, SSIM, the baselines). Uses the profile's network with random
+One scan = the encoder once, N reconstructions of every slice (batched UNet passes) plus the cddpm
+scorer's three ENS reconstructions when it is among the scorers, then the anomaly maps (MHD via the
+low-rank solve, SSIM, the baselines). Uses the profile's network with random
 weights (speed does not depend on training) on a brain-shaped random volume of the profile's grid:
 
     python benchmarks/eval_throughput.py                       # demo profile, CPU or the first GPU
@@ -22,7 +23,7 @@ import torch
 
 from mhd_uad.config import compose
 from mhd_uad.models.factory import build_cddpm
-from mhd_uad.models.inference import MhdSettings, reconstruct_volume
+from mhd_uad.models.inference import MhdSettings, reconstruct_scan
 from mhd_uad.scoring.anomaly_maps import anomaly_maps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,17 +55,18 @@ def main() -> None:
     x, y, z = (int(v) for v in params.prepare.grid)
     image, mask = brain_volume((z, x, y), 0)
 
-    reconstruct_volume(model, image, settings, "warm-up", device)  # warm-up
+    ensemble = "cddpm" in settings.scorers
+    reconstruct_scan(model, image, settings, "warm-up", device, ensemble)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t_reco = t_maps = 0.0
     for i in range(args.scans):
         start = time.perf_counter()
-        recos = reconstruct_volume(model, image, settings, f"scan{i}", device)
+        recos, ens = reconstruct_scan(model, image, settings, f"scan{i}", device, ensemble)
         t_reco += time.perf_counter() - start
         start = time.perf_counter()
-        anomaly_maps(image, recos, mask, ridge=settings.ridge, scorers=settings.scorers)
+        anomaly_maps(image, recos, mask, ridge=settings.ridge, scorers=settings.scorers, ensemble=ens)
         t_maps += time.perf_counter() - start
     per_scan = (t_reco + t_maps) / args.scans
     result = {

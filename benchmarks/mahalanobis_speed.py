@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from mhd_uad.scoring.anomaly_maps import anomaly_maps
+from mhd_uad.scoring.anomaly_maps import SCORERS, anomaly_maps
 from mhd_uad.scoring.mahalanobis import dense_pixelwise_mahalanobis, pixelwise_mahalanobis
 
 
@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         results.update(lowrank_vs_float64=err_fast, dense32_vs_float64=err_dense32)
 
     mask = np.ones(x.shape, dtype=np.float32)
-    maps_s, _ = timed(lambda: anomaly_maps(x, recos, mask, ridge=args.ridge), args.repeats)
-    print(f"anomaly_maps, all 6 scorers, {args.slices}×{args.size}×{args.size}, N={args.n}: {maps_s:.3f} s")
+    maps_s, _ = timed(lambda: anomaly_maps(x, recos, mask, ridge=args.ridge, ensemble=recos[:3]), args.repeats)
+    print(f"anomaly_maps, all {len(SCORERS)} scorers, {args.slices}×{args.size}×{args.size}, N={args.n}: "
+          f"{maps_s:.3f} s")
     results["anomaly_maps_seconds"] = maps_s
 
     goal = results["speedup_one_slice"] >= 1000 and rel_max <= 1e-4

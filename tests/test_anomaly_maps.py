@@ -130,7 +130,7 @@ def test_ssim_rejects_bad_input():
 def test_all_scorers_shapes_dtype_order_and_zero_outside_mask():
     rng = np.random.default_rng(4)
     x, recos, mask = _volume(rng)
-    maps = anomaly_maps(x, recos, mask)
+    maps = anomaly_maps(x, recos, mask, ensemble=recos[:3])
     assert tuple(maps) == SCORERS
     for name, m in maps.items():
         assert m.shape == x.shape, name
@@ -147,7 +147,7 @@ def test_lesion_is_the_highest_scoring_region():
     lesion = np.zeros(x.shape, dtype=bool)
     lesion[4:8, 7:13, 9:15] = True
     near = ndimage.binary_dilation(lesion, iterations=2)  # SSIM residuals peak at the lesion's rim
-    for name, m in anomaly_maps(x, recos, mask).items():
+    for name, m in anomaly_maps(x, recos, mask, ensemble=recos[:3]).items():
         assert near[np.unravel_index(np.argmax(m), m.shape)], name
         assert m[lesion].mean() > 3 * m[~lesion & (mask > 0)].mean(), name
 
@@ -165,7 +165,7 @@ def test_mhd_family_follows_the_method_formula():
         g = ndimage.gaussian_filter((d - d.min()) / (d.max() - d.min()), 1.0, mode="reflect", truncate=4.0)
         return s_mean * mask * g * mask
 
-    maps = anomaly_maps(x, recos, mask, ridge=0.02)
+    maps = anomaly_maps(x, recos, mask, ridge=0.02, scorers=("mhd", "dmhd", "nocov", "mean", "single"))
     expected = {
         "mhd": assemble(pixelwise_mahalanobis(x, recos, brain, ridge=0.02)),
         "dmhd": assemble(diagonal_mahalanobis(x, recos, brain, ridge=0.02)),
@@ -180,7 +180,7 @@ def test_mhd_family_follows_the_method_formula():
     assert np.abs(maps["mhd"] - maps["dmhd"]).max() > 1e-6
 
 
-def test_l1_follows_cddpm_postprocessing():
+def test_l1_mean_postproc_follows_cddpm_postprocessing():
     rng = np.random.default_rng(7)
     x, recos, mask = _volume(rng, shape=(12, 40, 50))
     mu = recos.mean(0)
@@ -193,7 +193,8 @@ def test_l1_follows_cddpm_postprocessing():
         ]
     )  # W = 50 -> 50 // 25 = 2 iterations
     expected = ndimage.median_filter(np.abs(x - mu) * eroded, size=5, mode="reflect")
-    np.testing.assert_allclose(anomaly_maps(x, recos, mask, scorers=("l1",))["l1"], expected, atol=1e-7)
+    out = anomaly_maps(x, recos, mask, scorers=("l1_mean_postproc",))["l1_mean_postproc"]
+    np.testing.assert_allclose(out, expected, atol=1e-7)
 
 
 def test_eroded_mask_per_slice_with_cross():
@@ -237,8 +238,9 @@ def test_connected_component_filter_26_connectivity_and_size():
 def test_torch_inputs_give_the_numpy_result():
     rng = np.random.default_rng(8)
     x, recos, mask = _volume(rng)
-    a = anomaly_maps(x, recos, mask)
-    b = anomaly_maps(torch.from_numpy(x), torch.from_numpy(recos), torch.from_numpy(mask))
+    a = anomaly_maps(x, recos, mask, ensemble=recos[3:])
+    b = anomaly_maps(torch.from_numpy(x), torch.from_numpy(recos), torch.from_numpy(mask),
+                     ensemble=torch.from_numpy(recos[3:]))
     for name in SCORERS:
         assert isinstance(b[name], np.ndarray)
         np.testing.assert_allclose(b[name], a[name], atol=1e-6, err_msg=name)
@@ -261,7 +263,14 @@ def test_bad_arguments_raise():
         anomaly_maps(x, recos, mask, scorers=("mhd", "fancy"))
     with pytest.raises(MhdUadError, match="N >= 2"):
         anomaly_maps(x, recos[:1], mask, scorers=("mhd",))
-    assert set(anomaly_maps(x, recos[:1], mask, scorers=("single", "mean", "l1"))) == {"single", "mean", "l1"}
+    assert set(anomaly_maps(x, recos[:1], mask, scorers=("single", "mean", "l1_mean_postproc"))) == {
+        "single", "mean", "l1_mean_postproc"}
+    with pytest.raises(MhdUadError, match="cddpm scorer needs its ensemble"):
+        anomaly_maps(x, recos, mask, scorers=("cddpm",))
+    with pytest.raises(MhdUadError, match="ensemble must be"):
+        anomaly_maps(x, recos, mask, scorers=("cddpm",), ensemble=recos[:3, :-1])
+    with pytest.raises(MhdUadError, match="ensemble contains NaN"):
+        anomaly_maps(x, recos, mask, scorers=("cddpm",), ensemble=np.full_like(recos[:3], np.nan))
     with pytest.raises(MhdUadError, match="mask shape"):
         anomaly_maps(x, recos, mask[:, :-1])
     with pytest.raises(MhdUadError, match="NaN"):

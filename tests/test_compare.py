@@ -88,3 +88,77 @@ def test_a_base_without_metrics_and_an_unknown_revision(repo):
     assert result["datasets"]["Brats21"]["mhd"]["auprc"]["base"] is None
     with pytest.raises(MhdUadError, match="unknown git revision"):
         build_report("no-such-rev", repo)
+
+
+def _write_per_volume(repo, name: str, columns: dict[str, list[float]]):
+    """metrics/<name>_per_volume.csv with one fold; the scans are scan00, scan01, ..."""
+    n = len(next(iter(columns.values())))
+    header = ["fold", "scan", "lesion_voxels", *(f"{s}_auprc" for s in columns)]
+    rows = [",".join(header)] + [",".join(["0", f"scan{i:02d}", "100", *(f"{columns[s][i]:.6g}" for s in columns)])
+                                 for i in range(n)]
+    (repo / "metrics" / f"{name}_per_volume.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture()
+def paired_repo(tmp_path):
+    """Base commit with Brats21 metrics and per-volume CSV (12 scans); the workspace moves mhd's mean by +5
+    points with a noisy per-volume change (interval holds 0) and single's by +5 points on every scan."""
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "config", "user.email", "t@example.org")
+    _git(tmp_path, "config", "user.name", "t")
+    mhd = [0.3 + 0.01 * i for i in range(12)]
+    single = [0.2 + 0.01 * i for i in range(12)]
+    _write(tmp_path, {"Brats21": {"mhd": _block(0.355), "single": _block(0.255)}}, "a: 1\n")
+    _write_per_volume(tmp_path, "Brats21", {"mhd": mhd, "single": single})
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "base")
+    noisy = [0.35 if i % 2 else -0.25 for i in range(12)]  # mean +0.05, half the scans down
+    _write(tmp_path, {"Brats21": {"mhd": _block(0.405), "single": _block(0.305)}}, "a: 1\n")
+    _write_per_volume(tmp_path, "Brats21", {"mhd": [m + d for m, d in zip(mhd, noisy, strict=True)],
+                                            "single": [s + 0.05 + 0.001 * (i % 3) for i, s in enumerate(single)]})
+    return tmp_path
+
+
+def test_arrows_need_the_interval_of_the_change_to_exclude_zero(paired_repo):
+    text, result = build_report("HEAD", paired_repo)
+    mhd, single = (result["datasets"]["Brats21"][s] for s in ("mhd", "single"))
+    assert mhd["auprc"]["delta"] == pytest.approx(0.05) and mhd["change"] == "same"  # the mean moved, no arrow
+    lo, hi = mhd["auprc"]["interval"]["ci95"]
+    assert lo < 0 < hi and mhd["auprc"]["interval"]["n_scans"] == 12
+    assert single["change"] == "up" and single["auprc"]["interval"]["ci95"][0] > 0.04
+    assert single["auprc"]["interval"]["excludes_zero"]
+    assert "35.50 → 40.50 |" in text and "25.50 → 30.50 ▲" in text
+    assert "| +5.00 [+" in text and "No interval" not in text and result["no_interval"] == {}
+    json.loads(build_report("HEAD", paired_repo, fmt="json")[0])
+
+
+def test_a_drop_counts_as_a_regression_only_when_its_interval_lies_below_zero(paired_repo):
+    _git(paired_repo, "add", "-A")
+    _git(paired_repo, "commit", "-qm", "up")
+    mhd = [0.3 + 0.01 * i + (0.35 if i % 2 else -0.25) for i in range(12)]  # the committed workspace's
+    single = [0.25 + 0.01 * i + 0.001 * (i % 3) for i in range(12)]
+    _write(paired_repo, {"Brats21": {"mhd": _block(0.355), "single": _block(0.255)}}, "a: 1\n")
+    _write_per_volume(paired_repo, "Brats21", {"mhd": [m + (-0.35 if i % 2 else 0.25) for i, m in enumerate(mhd)],
+                                               "single": [s - 0.05 for s in single]})
+    text, result = build_report("HEAD", paired_repo)
+    assert result["datasets"]["Brats21"]["mhd"]["change"] == "same" and "40.50 → 35.50 |" in text
+    assert result["datasets"]["Brats21"]["single"]["change"] == "down" and "30.50 → 25.50 ▼" in text
+    assert regressions(result, 0.01) == ["Brats21/single: AUPRC -5.00 points"]  # mhd's drop: interval holds 0
+
+
+def test_without_the_base_per_volume_csv_the_tolerance_alone_marks_changes(repo):
+    _write_per_volume(repo, "Brats21", {"mhd": [0.5] * 4, "single": [0.4] * 4})
+    text, result = build_report("HEAD", repo)
+    assert result["no_interval"] == {"Brats21": "no per-volume CSV at the base", "MSLUB": "no per-volume CSV at "
+                                     "the base"}
+    assert result["datasets"]["Brats21"]["mhd"]["change"] == "up" and "50.00 → 55.00 ▲" in text
+    assert result["datasets"]["Brats21"]["mhd"]["auprc"]["interval"] is None
+    assert "No interval for `Brats21` (no per-volume CSV at the base)" in text and "| +5.00 |" in text
+
+
+def test_the_comment_gives_this_changes_mhd_deltas_with_interval_and_p(repo):
+    versus = {"delta_auprc": 0.031, "ci95": [0.012, 0.05], "p_value": 0.004, "n_scans": 11}
+    _write(repo, {"Brats21": {"mhd": _block(0.55), "single": {**_block(0.40), "versus_mhd": versus}}}, "a: 1\n")
+    text, _ = build_report("HEAD", repo)
+    assert "MHD − baseline, AUPRC [95 % CI], this change: single reconstruction +3.1 [+1.2, +5.0] pp, p = 0.004" \
+        in text

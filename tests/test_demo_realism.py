@@ -160,8 +160,8 @@ def test_one_generated_subject_end_to_end(tmp_path):
     assert 0.5 < t1["ratios"]["gm"] < 0.95 and t1["ratios"]["csf"] < t1["ratios"]["gm"]
     assert 1.0 < t2["ratios"]["gm"] < t2["ratios"]["csf"]
     for entry in (t1, t2):
-        # The generator's noise: p90(brain) / sigma at 1 mm drawn in U(18, 32).
-        assert 15.0 < entry["noise"]["p90_over_sigma_1mm"] < 37.0
+        # The generator's noise: WM signal / sigma at 1 mm drawn in U(18, 32).
+        assert 15.0 < entry["noise"]["snr_1mm"] < 37.0
         assert entry["noise"]["bias_cv"] < 0.08
     assert t1["noise"]["hf_noise"] < 0.04
     report = script.build_report(0, 1, demo, {})

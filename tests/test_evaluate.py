@@ -11,7 +11,8 @@ import pytest
 
 from conftest import REPO, SHRUNK, copy_project, shrunk_params, write_scan
 from mhd_uad.data.prepared import PreparedSet
-from mhd_uad.evaluation import evaluate
+from mhd_uad.errors import InputFileError
+from mhd_uad.evaluation import evaluate, healthy
 from mhd_uad.io import load_nifti, save_nifti
 from mhd_uad.scoring.anomaly_maps import SCORERS
 
@@ -51,6 +52,11 @@ def evaluated(tiny_model, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    try:  # the score-healthy@t2-0 stage, before the quirks' prepare keeps only MSLUB_t2
+        thresholds = healthy.run_score_healthy(params, "t2", 0, root)
+    except BaseException:
+        mp.undo()
+        raise
     quirks = _published_quirks(root, params)
     scored = []
     original = evaluate.score_volume
@@ -64,17 +70,25 @@ def evaluated(tiny_model, tmp_path_factory):
         out = evaluate.run_evaluate(params, "MSLUB", root)
     finally:
         mp.undo()
+    quirks["thresholds"] = json.loads(thresholds.read_text())
     return root, json.loads(out.read_text()), scored, quirks
 
 
 def test_evaluate_writes_metrics_plots_gallery_and_maps_in_source_space(evaluated):
     root, metrics, _, _ = evaluated
-    assert set(metrics) == {*SCORERS, "volumes"}
+    assert set(metrics) == {*SCORERS, "volumes", "mhd_diagnostics"}
     volumes = metrics["volumes"]
+    diag = metrics["mhd_diagnostics"]
+    assert diag["n_volumes"] == volumes["n_test"] * volumes["n_folds"]
+    assert 0 < diag["residual_share_in_span"] < 1 and -1 <= diag["corr_mhd_nocov"] <= 1
     for block in SCORERS:
         assert 0 <= metrics[block]["auprc"] <= 1 and 0 <= metrics[block]["auroc"] <= 1
         assert metrics[block]["n_volumes"] == volumes["n_test"] - volumes["n_without_lesion"]
-        assert all(isinstance(v, int | float) or v is None for v in metrics[block].values())
+        assert all(isinstance(v, int | float) or v is None for k, v in metrics[block].items() if k != "versus_mhd")
+        versus = metrics[block].get("versus_mhd")
+        assert (versus is None) == (block == "mhd")
+        assert versus is None or (set(versus) == {"delta_auprc", "ci95", "p_value", "n_scans"}
+                                  and versus["n_scans"] == metrics[block]["n_volumes"])
     rows = (root / "plots" / "MSLUB" / "pr_mhd.csv").read_text().splitlines()
     assert rows[0] == "threshold,recall,precision" and 2 <= len(rows) <= 201
     assert (root / "reports" / "gallery" / "MSLUB.png").read_bytes()[:4] == b"\x89PNG"
@@ -98,11 +112,30 @@ def test_win_counts_and_means_agree_with_the_per_volume_results(evaluated):
     mhd, single = (np.array([float(r[f"{s}_auprc"]) for r in rows]) for s in ("mhd", "single"))
     assert metrics["volumes"]["mhd_beats_single"] == int(np.sum(mhd[np.isfinite(mhd)] > single[np.isfinite(mhd)]))
     assert metrics["mhd"]["auprc"] == pytest.approx(np.nanmean(mhd), abs=1e-6)  # the CSV holds 6 digits
+    assert metrics["single"]["versus_mhd"]["delta_auprc"] == pytest.approx(np.nanmean(mhd - single), abs=1e-6)
     assert metrics["single"]["auprc_std"] == pytest.approx(np.nanstd(single), abs=1e-6)
-    assert {"scan", "fold", "lesion_voxels", "mhd_auroc", "l1_dice"} <= set(rows[0])
+    assert {"scan", "fold", "lesion_voxels", "mhd_auroc", "l1_mean_postproc_dice", "cddpm_dice"} <= set(rows[0])
     assert metrics["mhd"]["auroc"] == pytest.approx(np.nanmean([float(r["mhd_auroc"]) for r in rows]), abs=1e-6)
     # the stage's scratch volumes are gone
     assert not any((root / "artifacts" / "eval" / "MSLUB").iterdir())
+
+
+def test_other_conventions_pooled_oracle_and_healthy_fpr_dice(evaluated, monkeypatch):
+    root, metrics, _, quirks = evaluated
+    thresholds = quirks["thresholds"]
+    assert thresholds["n_scans"] >= 1 and thresholds["n_voxels"] > 0 and thresholds["modality"] == "t2"
+    for block in SCORERS:
+        m, t = metrics[block], thresholds["thresholds"][block]
+        assert t["fpr01"] >= t["fpr05"] >= t["fpr10"]
+        assert 0 <= m["auprc_pooled"] <= 1 and 0 <= m["auroc_pooled"] <= 1
+        assert 0 <= m["dice_oracle"] <= 1
+        for key in ("dice_fpr01", "dice_fpr05", "dice_fpr10"):
+            assert m[key] is None or 0 <= m[key] <= 1, (block, key)
+    # evaluate refuses to start without its modality's thresholds
+    (root / "artifacts" / "healthy" / "t2" / "fold0" / "thresholds.json").unlink()
+    monkeypatch.chdir(root)
+    with pytest.raises(InputFileError, match="score-healthy@t2-0"):
+        evaluate.run_evaluate(shrunk_params("datasets.MSLUB.ignore_labels=[2]"), "MSLUB", root)
 
 
 def test_each_scan_is_scored_once_per_fold_and_the_gallery_needs_no_second_pass(evaluated):

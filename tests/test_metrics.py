@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import auc, average_precision_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, roc_auc_score, roc_curve
 
 from mhd_uad.errors import MhdUadError
 from mhd_uad.evaluation.metrics import (
+    ScoreCounts,
     dice,
     find_best_threshold,
     mean_std,
@@ -193,3 +194,44 @@ def test_aggregation_helpers():
     assert summarize([0.2, float("nan"), 0.4]) == pytest.approx({"mean": 0.3, "std": 0.1, "n": 2})
     nan_mean, nan_std = mean_std([float("nan")])
     assert math.isnan(nan_mean) and math.isnan(nan_std)
+
+
+# ---------------------------------------------------------------- pooled over a whole set
+
+
+@pytest.mark.parametrize("merge_every", [1, 50, 1 << 22])
+def test_pooled_auprc_auroc_equal_sklearn_on_the_concatenated_voxels(merge_every):
+    rng = np.random.default_rng(7)
+    counts, scores, labels = ScoreCounts(merge_every=merge_every), [], []
+    for shape in [(3, 6, 7), (2, 9, 5), (4, 4, 4), (1, 5, 5)]:
+        seg = rng.random(shape) < 0.15
+        s = np.round(rng.random(shape) + 0.4 * seg, 2).astype(np.float32)  # ties within and across volumes
+        s[:, :1] = 0.0  # a block of zeros, as outside a brain
+        counts.add(s, seg)
+        scores.append(s.ravel())
+        labels.append(seg.ravel())
+    counts.add(np.full(10, 0.5, dtype=np.float32), np.zeros(10))  # a volume without lesion counts as background
+    scores.append(np.full(10, 0.5, dtype=np.float32))
+    labels.append(np.zeros(10, dtype=bool))
+    s, g = np.concatenate(scores), np.concatenate(labels)
+    assert counts.auprc() == pytest.approx(average_precision_score(g, s), rel=1e-12)
+    assert counts.auroc() == pytest.approx(roc_auc_score(g, s), rel=1e-12)
+    values, pos, neg = counts.counts()
+    assert np.all(np.diff(values) > 0) and pos.sum() == g.sum() and neg.sum() == (~g).sum()
+    # per-volume AP is not pooled AP: the pool ranks voxels of different volumes against each other
+    assert counts.auprc() != pytest.approx(np.nanmean([per_volume_auprc(a, b) for a, b in zip(scores, labels,
+                                                                                               strict=True)]))
+
+
+def test_pooled_hand_case_and_undefined_cases():
+    counts = ScoreCounts()
+    counts.add(np.array([0.8, 0.1]), np.array([1, 0]))
+    counts.add(np.array([0.4, 0.35]), np.array([0, 1]))
+    assert counts.auprc() == pytest.approx(0.5 + 0.5 * 2 / 3)  # the per-volume hand example, split over 2 volumes
+    assert counts.auroc() == pytest.approx(0.75)
+    empty, background = ScoreCounts(), ScoreCounts()
+    background.add(np.array([0.1, 0.2]), np.array([0, 0]))
+    assert math.isnan(empty.auprc()) and math.isnan(empty.auroc())
+    assert math.isnan(background.auprc()) and math.isnan(background.auroc())
+    with pytest.raises(MhdUadError, match="NaN"):
+        counts.add(np.array([np.nan]), np.array([1]))

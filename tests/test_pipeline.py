@@ -74,8 +74,10 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_runs_every_stage_and_leaves_dvc_status_clean(repo):
     for dataset in DATASETS:
         metrics = json.loads((repo / "metrics" / f"{dataset}.json").read_text())
-        for scorer in ("mhd", "single", "mean", "dmhd", "nocov", "l1"):
+        for scorer in ("mhd", "single", "mean", "dmhd", "nocov", "l1_mean_postproc", "cddpm"):
             assert 0.0 <= metrics[scorer]["auprc"] <= 1.0, (dataset, scorer)
+            assert 0.0 <= metrics[scorer]["auprc_pooled"] <= 1.0 and 0.0 <= metrics[scorer]["dice_oracle"] <= 1.0
+            assert {"auroc_pooled", "dice_fpr01", "dice_fpr05", "dice_fpr10"} <= set(metrics[scorer])
         assert (repo / "plots" / dataset / "pr_mhd.csv").is_file()
         assert any((repo / "artifacts" / "maps" / dataset).glob("*_mhd.nii.gz"))
     summary = (repo / "reports" / "summary.md").read_text()
@@ -84,7 +86,9 @@ def test_repro_runs_every_stage_and_leaves_dvc_status_clean(repo):
     assert "matches" in mhd(repo, "check-lock").stderr
     db = sqlite3.connect(repo / "mlflow.db")
     names = {n for (n,) in db.execute("select name from runs where status = 'FINISHED'")}
-    assert {"pretrain@t1", "pretrain@t2", "train@t1-fold0", "train@t2-fold0", "evaluate@WMH"} <= names
+    assert {"pretrain@t1", "pretrain@t2", "train@t1-fold0", "train@t2-fold0", "score-healthy@t2-0",
+            "evaluate@WMH"} <= names
+    assert (repo / "artifacts" / "healthy" / "t1" / "fold0" / "thresholds.json").is_file()
 
 
 def test_experiment_with_an_mhd_param_reruns_only_evaluation_and_report_sees_it(repo):
@@ -116,7 +120,10 @@ def _status_after_touching(repo: Path, rel: str) -> set[str]:
 
 
 def test_touching_inference_code_reruns_only_evaluation_and_the_score_command_reruns_nothing(repo):
-    assert _status_after_touching(repo, "src/mhd_uad/models/inference.py") == {f"evaluate@{d}" for d in DATASETS}
+    assert _status_after_touching(repo, "src/mhd_uad/models/inference.py") == (
+        {f"evaluate@{d}" for d in DATASETS} | {f"score-healthy@{m}-0" for m in ("t1", "t2")})
+    # the healthy thresholds are scored once per modality and fold: evaluation code alone re-runs no scoring of them
+    assert _status_after_touching(repo, "src/mhd_uad/evaluation/evaluate.py") == {f"evaluate@{d}" for d in DATASETS}
     assert _status_after_touching(repo, "src/mhd_uad/evaluation/score.py") == set()
     changed = _status_after_touching(repo, "src/mhd_uad/models/unet.py")
     assert {"train@t1-0", "evaluate@WMH"} <= changed and "prepare" not in changed

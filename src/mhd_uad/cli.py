@@ -50,7 +50,7 @@ def cmd_demo_data(args) -> None:
         summary = generate_demo_dataset(
             tmp, seed=args.seed, n_healthy=args.n_healthy, n_per_test_set=args.n_per_test_set,
             voxel_size=args.voxel_size, base_t1=args.base_t1, base_tissues=args.base_tissues,
-            progress=not args.quiet, workers=args.workers,
+            progress=not args.quiet, workers=args.workers or os.cpu_count() or 1,
         )
     log.info("demo dataset written to %s: %s", out, summary.get("counts", summary))
 
@@ -99,6 +99,16 @@ def cmd_evaluate(args) -> None:
 
     out = run_evaluate(_params(args, *_data_checks(), validate_model_params, MhdSettings.from_params), args.dataset)
     log.info("metrics written to %s", out)
+
+
+def cmd_score_healthy(args) -> None:
+    from mhd_uad.evaluation.healthy import run_score_healthy
+    from mhd_uad.models.factory import validate_model_params
+    from mhd_uad.models.inference import MhdSettings
+
+    params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
+    out = run_score_healthy(params, args.modality, args.fold)
+    log.info("healthy-scan FPR thresholds written to %s", out)
 
 
 def cmd_report(args) -> None:
@@ -226,6 +236,21 @@ def _add_ingest_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_ingest)
 
 
+def _add_model_stage_parsers(sub, with_overrides) -> None:
+    """The stages of one modality (and fold): pretrain, train, score-healthy."""
+    for name, helptext, func in (
+            ("pretrain", "stage: SparK-pretrain the encoder -> models/<M>/encoder.pt", cmd_pretrain),
+            ("train", "stage: train the cDDPM -> models/<M>/fold<K>/cddpm.ckpt", cmd_train),
+            ("score-healthy", "stage: score the fold's healthy IXI val scans -> each scorer's thresholds at "
+                              "1/5/10 %% voxel FPR in artifacts/healthy/<M>/fold<K>/thresholds.json",
+             cmd_score_healthy)):
+        p = with_overrides(sub.add_parser(name, help=helptext))
+        p.add_argument("--modality", required=True, choices=["t1", "t2"])
+        if name != "pretrain":
+            p.add_argument("--fold", required=True, type=int)
+        p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhd-uad", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mhd-uad {__version__}")
@@ -246,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-t1", default=None, help="another template T1 (NIfTI) as anatomy")
     p.add_argument("--base-tissues", nargs=3, default=None, metavar=("GM", "WM", "CSF"),
                    help="tissue probability maps matching --base-t1")
-    p.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (default: one per CPU; the output does not depend on it)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo_data)
@@ -255,14 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_splits)
     with_overrides(sub.add_parser("prepare", help="stage: preprocessed arrays under artifacts/prepared")
                    ).set_defaults(func=cmd_prepare)
-    for name, helptext, func in (("pretrain", "stage: SparK-pretrain the encoder -> models/<M>/encoder.pt",
-                                  cmd_pretrain),
-                                 ("train", "stage: train the cDDPM -> models/<M>/fold<K>/cddpm.ckpt", cmd_train)):
-        p = with_overrides(sub.add_parser(name, help=helptext))
-        p.add_argument("--modality", required=True, choices=["t1", "t2"])
-        if name == "train":
-            p.add_argument("--fold", required=True, type=int)
-        p.set_defaults(func=func)
+    _add_model_stage_parsers(sub, with_overrides)
     p = with_overrides(sub.add_parser("evaluate", help="stage: score a test set with every fold -> metrics/<set>.json"))
     p.add_argument("--dataset", required=True)
     p.set_defaults(func=cmd_evaluate)

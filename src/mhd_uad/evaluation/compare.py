@@ -3,10 +3,18 @@
 Text only: numbers from metrics/*.json and params.yaml, never images of scans, so the report can be
 posted to a pull request. The base side is read from git (`git show REV:metrics/<set>.json`); a base
 without metrics, and datasets added or removed, are reported explicitly.
+
+Each AUPRC change comes with the 95 % bootstrap interval of the mean per-volume change: the rows of
+metrics/<set>_per_volume.csv at REV and in the workspace are paired by (fold, scan), and a scan's folds are
+averaged into one resampled unit (evaluation.significance). ▲/▼ mark a change beyond the tolerance whose
+interval excludes 0. Where either side lacks the CSV (or the scorer's column), the change has no interval,
+▲/▼ fall back to the tolerance alone, and the report says so.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -15,7 +23,8 @@ import yaml
 
 from mhd_uad.config import flatten
 from mhd_uad.errors import MhdUadError
-from mhd_uad.evaluation.report import SCORER_LABELS
+from mhd_uad.evaluation.report import SCORER_LABELS, format_delta
+from mhd_uad.evaluation.significance import paired_comparison
 
 MARKER = "<!-- mhd-uad-metrics-report -->"
 NOT_DATASETS = {"summary.json"}
@@ -51,6 +60,41 @@ def metrics_at(rev: str | None, root: Path, metrics_dir: str = "metrics") -> dic
     return out or None
 
 
+def per_volume_at(rev: str | None, root: Path, metrics_dir: str = "metrics") -> dict[str, list[dict]]:
+    """{dataset: rows of metrics/<dataset>_per_volume.csv} in the workspace (rev None) or at a git revision."""
+    suffix = "_per_volume.csv"
+    return {Path(path).name.removesuffix(suffix): list(csv.DictReader(io.StringIO(text)))
+            for path, text in files_at(rev, root, metrics_dir, suffix).items()
+            if Path(path).parent == Path(metrics_dir)}
+
+
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def change_interval(base_rows: list[dict], new_rows: list[dict], scorer: str, key: str = "auprc") -> dict | None:
+    """The per-volume change new − base of `scorer`'s metric over the rows paired by (fold, scan): mean, 95 %
+    bootstrap interval, permutation p and the number of scans; None without the column on either side or
+    without 2 paired scans with finite values on both sides."""
+    column = f"{scorer}_{key}"
+    if not base_rows or not new_rows or column not in base_rows[0] or column not in new_rows[0]:
+        return None
+    base = {(r.get("fold"), r.get("scan")): _number(r.get(column)) for r in base_rows}
+    pairs = [(base[k], _number(r.get(column)), k[1]) for r in new_rows
+             if (k := (r.get("fold"), r.get("scan"))) in base]
+    if not pairs:
+        return None
+    b, n, scans = zip(*pairs, strict=True)
+    c = paired_comparison(n, b, scans)
+    if c.n < 2:
+        return None
+    return {"delta": c.delta, "ci95": list(c.ci), "p_value": c.p_value, "n_scans": c.n,
+            "excludes_zero": c.excludes_zero}
+
+
 def params_at(rev: str | None, root: Path) -> dict:
     if rev is None:
         path = root / "params.yaml"
@@ -61,12 +105,22 @@ def params_at(rev: str | None, root: Path) -> dict:
     return flatten(yaml.safe_load(text) or {})
 
 
-def compare(base: dict | None, new: dict | None, tolerance: float) -> dict:
-    """Structured comparison: per dataset and scorer, base/new/delta of auprc, dice, auroc and volume counts."""
+def compare(base: dict | None, new: dict | None, tolerance: float,
+            per_volume: tuple[dict[str, list[dict]], dict[str, list[dict]]] | None = None) -> dict:
+    """Structured comparison: per dataset and scorer, base/new/delta of auprc, dice, auroc and volume counts.
+
+    With `per_volume` (the base's and the workspace's per-volume CSV rows per dataset) each AUPRC change gets
+    `interval` (change_interval), and ▲/▼ ("up"/"down") need it to exclude 0 as well as |Δ| > tolerance;
+    `no_interval` names the datasets on both sides where that rule falls back to the tolerance alone."""
     base, new = base or {}, new or {}
-    out = {"added": sorted(set(new) - set(base)), "removed": sorted(set(base) - set(new)), "datasets": {}}
+    pv_base, pv_new = per_volume or ({}, {})
+    out = {"added": sorted(set(new) - set(base)), "removed": sorted(set(base) - set(new)), "datasets": {},
+           "no_interval": {}}
     for dataset in sorted(set(base) | set(new)):
         b_blocks, n_blocks = base.get(dataset, {}), new.get(dataset, {})
+        if dataset in base and dataset in new and (dataset not in pv_base or dataset not in pv_new):
+            out["no_interval"][dataset] = "no per-volume CSV at the base" if dataset not in pv_base \
+                else "no per-volume CSV in the workspace"
         rows = {}
         for scorer in [s for s in SCORER_LABELS if s in b_blocks or s in n_blocks]:
             b, n = b_blocks.get(scorer, {}), n_blocks.get(scorer, {})
@@ -78,11 +132,45 @@ def compare(base: dict | None, new: dict | None, tolerance: float) -> dict:
                     row[key]["delta"] = nv - bv
                     row[key]["relative"] = (nv - bv) / bv if bv else None
             d = row["auprc"].get("delta")
-            row["change"] = "up" if d is not None and d > tolerance else "down" if d is not None and d < -tolerance \
-                else "same" if d is not None else "n/a"
+            interval = None
+            if d is not None and dataset in pv_base and dataset in pv_new:
+                interval = change_interval(pv_base[dataset], pv_new[dataset], scorer)
+                if interval is None:
+                    out["no_interval"].setdefault(dataset, f"no paired per-volume {scorer} AUPRC")
+            row["auprc"]["interval"] = _json_safe(interval)
+            certain = interval is None or interval["excludes_zero"]
+            row["change"] = "n/a" if d is None else "up" if d > tolerance and certain \
+                else "down" if d < -tolerance and certain else "same"
             rows[scorer] = row
         out["datasets"][dataset] = rows
     return out
+
+
+def _json_safe(tree):
+    """NaN -> None, so `--format json` stays strict JSON."""
+    if isinstance(tree, dict):
+        return {k: _json_safe(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_json_safe(v) for v in tree]
+    return None if isinstance(tree, float) and tree != tree else tree
+
+
+def _delta_cell(a: dict) -> str:
+    d = a.get("delta")
+    if d is None:
+        return "–"
+    if not (interval := a.get("interval")):
+        return f"{100 * d:+.2f}"
+    lo, hi = interval["ci95"]
+    return f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def versus_mhd_line(blocks: dict) -> str | None:
+    """One line of this change's MHD − baseline AUPRC per scorer (its metrics' `versus_mhd`), or None."""
+    parts = [f"{SCORER_LABELS.get(s, s)} "
+             f"{format_delta(v.get('delta_auprc'), v.get('ci95'), v.get('p_value'), unit=' pp')}"
+             for s, b in blocks.items() if isinstance(b, dict) and (v := b.get("versus_mhd"))]
+    return "MHD − baseline, AUPRC [95 % CI], this change: " + " · ".join(parts) if parts else None
 
 
 def _fmt(v, pct=True) -> str:
@@ -92,7 +180,7 @@ def _fmt(v, pct=True) -> str:
 
 
 def render_markdown(result: dict, base_rev: str, base_missing: bool, params_diff: list[tuple[str, str, str]],
-                    tolerance: float) -> str:
+                    tolerance: float, new_metrics: dict | None = None) -> str:
     lines = [MARKER, f"## Metrics: `{base_rev}` → this change", ""]
     if base_missing:
         lines += [f"The base `{base_rev}` has no metrics; showing this change's values only.", ""]
@@ -100,9 +188,15 @@ def render_markdown(result: dict, base_rev: str, base_missing: bool, params_diff
         lines += ["Datasets added: " + ", ".join(f"`{d}`" for d in result["added"]), ""]
     if result["removed"]:
         lines += ["Datasets removed: " + ", ".join(f"`{d}`" for d in result["removed"]), ""]
-    lines += [f"AUPRC, Dice and AUROC in %; ▲/▼ marks an AUPRC change beyond {100 * tolerance:.2f} points.", ""]
+    lines += [f"AUPRC, Dice and AUROC in %; Δ AUPRC with the 95 % bootstrap interval of the mean per-volume change "
+              f"(volumes paired by fold and scan); ▲/▼ mark an AUPRC change beyond {100 * tolerance:.2f} points "
+              "whose interval excludes 0.", ""]
+    if no_interval := result.get("no_interval"):
+        lines += ["No interval for " + ", ".join(f"`{d}` ({why})" for d, why in no_interval.items())
+                  + f": there ▲/▼ mark a change beyond {100 * tolerance:.2f} points alone.", ""]
     for dataset, rows in result["datasets"].items():
-        lines += [f"### {dataset}", "", "| scorer | AUPRC base → new | Δ | Δ rel. | Dice Δ | AUROC Δ | volumes |",
+        lines += [f"### {dataset}", "",
+                  "| scorer | AUPRC base → new | Δ [95 % CI] | Δ rel. | Dice Δ | AUROC Δ | volumes |",
                   "|---|---|---:|---:|---:|---:|---|"]
         for scorer, row in rows.items():
             a, dsc, roc, vol = row["auprc"], row["dice"], row["auroc"], row["n_volumes"]
@@ -110,10 +204,12 @@ def render_markdown(result: dict, base_rev: str, base_missing: bool, params_diff
             rel = a.get("relative")
             lines.append(
                 f"| {SCORER_LABELS.get(scorer, scorer)} | {_fmt(a['base'])} → {_fmt(a['new'])}{mark} | "
-                f"{_fmt(a.get('delta'))} | {'–' if rel is None else f'{100 * rel:+.1f}%'} | "
+                f"{_delta_cell(a)} | {'–' if rel is None else f'{100 * rel:+.1f}%'} | "
                 f"{_fmt(dsc.get('delta'))} | {_fmt(roc.get('delta'))} | "
                 f"{_fmt(vol['base'], False)} → {_fmt(vol['new'], False)} |")
         lines.append("")
+        if line := versus_mhd_line(new_metrics.get(dataset, {}) if new_metrics else {}):
+            lines += [line, ""]
     lines += ["<details><summary>Params changed (" + str(len(params_diff)) + ")</summary>", ""]
     if params_diff:
         lines += ["| param | base | new |", "|---|---|---|"]
@@ -130,7 +226,8 @@ def build_report(base_rev: str, root: str | Path = ".", fmt: str = "md", toleran
     new = metrics_at(None, root)
     if new is None:
         raise MhdUadError("the workspace has no metrics/*.json (run the pipeline first)")
-    result = compare(base, new, tolerance)
+    per_volume = (per_volume_at(base_rev, root), per_volume_at(None, root)) if base is not None else None
+    result = compare(base, new, tolerance, per_volume)
     pb, pn = params_at(base_rev, root), params_at(None, root)
     diff = [(k, str(pb.get(k, "–")), str(pn.get(k, "–"))) for k in sorted(set(pb) | set(pn)) if pb.get(k) != pn.get(k)]
     result["base"] = base_rev
@@ -138,14 +235,15 @@ def build_report(base_rev: str, root: str | Path = ".", fmt: str = "md", toleran
     result["params_changed"] = [{"param": k, "base": b, "new": n} for k, b, n in diff]
     if fmt == "json":
         return json.dumps(result, indent=2, ensure_ascii=False) + "\n", result
-    return render_markdown(result, base_rev, base is None, diff, tolerance), result
+    return render_markdown(result, base_rev, base is None, diff, tolerance, new), result
 
 
 def regressions(result: dict, tolerance: float) -> list[str]:
+    """AUPRC drops beyond `tolerance` whose bootstrap interval (where there is one) lies below 0."""
     out = []
     for dataset, rows in result["datasets"].items():
         for scorer, row in rows.items():
-            d = row["auprc"].get("delta")
-            if d is not None and d < -tolerance:
+            d, interval = row["auprc"].get("delta"), row["auprc"].get("interval")
+            if d is not None and d < -tolerance and (not interval or interval["ci95"][1] < 0):
                 out.append(f"{dataset}/{scorer}: AUPRC {100 * d:+.2f} points")
     return out

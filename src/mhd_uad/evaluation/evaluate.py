@@ -7,14 +7,25 @@ Named steps, in order:
    and for the first fold the PR histograms and the gallery's reconstructions, kept as it goes).
 3. `summarise`: mean and std over volumes (averaged over folds) and the std of the fold means, through
    evaluation.metrics; scans with no lesion voxel on the model grid are counted, named in one warning and
-   left out of AP/AUROC (their Dice counts, their voxels join the val pool), as in the original.
-
-Lesion = segmentation label > 0 (the original), except labels listed in `datasets.<set>.ignore_labels`,
-whose voxels count neither as lesion nor as background (as the WMH challenge evaluates label 2).
+   left out of AP/AUROC (their Dice counts, their voxels join the val pool), as in the original; each
+   baseline scorer's `versus_mhd`: mhd − baseline AUPRC over the paired test volumes, with its 95 % bootstrap
+   interval and permutation p (evaluation.significance).
+   `other_conventions` then adds the field's other conventions to each scorer's block: `auprc_pooled`,
+   `auroc_pooled` (over all test voxels of the set at once, counted as the per-volume metrics count them:
+   the whole grid, as the original's per-volume AUPRC; `metrics.ScoreCounts`, exact; mean over folds),
+   `dice_oracle` (each test volume at its own best threshold: the original's BestDicePerVol, the same
+   interval search on that volume alone; nan without a lesion voxel), `dice_fpr01/05/10` (Dice at the
+   thresholds with 1/5/10 % voxel FPR on the fold's healthy IXI val scans, read from the
+   `score-healthy@<M>-<fold>` stage's files, evaluation.healthy); the Dice are means over volumes and folds.
+   `mhd_diagnostics`: the residual's share inside the span of the centred reconstructions and the mhd-nocov
+   map correlation, means over test volumes and folds (scoring.diagnostics).
 4. Outputs: metrics/<set>.json and metrics/<set>_per_volume.csv (every scan, fold and scorer), PR curves
    (plots/<set>/), the gallery PNG (best, median, worst scan by the first fold's mhd AUPRC, from the first
    fold's own reconstructions: no second scoring pass), each test scan's fold-mean mhd map as NIfTI in its
    source scan's space, and the MLflow run.
+
+Lesion = segmentation label > 0 (the original), except labels listed in `datasets.<set>.ignore_labels`,
+whose voxels count neither as lesion nor as background (as the WMH challenge evaluates label 2).
 """
 
 from __future__ import annotations
@@ -35,17 +46,22 @@ from mhd_uad.data.splits import read_split_csv
 from mhd_uad.errors import ConfigError
 from mhd_uad.evaluation.curves import ScoreHistogram, write_pr_curves
 from mhd_uad.evaluation.gallery import GalleryRow, pick_gallery_scans, write_gallery
+from mhd_uad.evaluation.healthy import FPR_LEVELS, read_thresholds, thresholds_path
 from mhd_uad.evaluation.metrics import (
+    ScoreCounts,
     aggregate_folds,
     dice,
     find_best_threshold,
+    mean_std,
     per_volume_auprc,
     per_volume_auroc,
 )
+from mhd_uad.evaluation.significance import paired_comparison
 from mhd_uad.io import atomic_path, atomic_write_text, replace_dir, save_nifti
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
 from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
-from mhd_uad.scoring.anomaly_maps import connected_component_filter
+from mhd_uad.scoring.anomaly_maps import CONNECTED_COMPONENT_SCORERS, connected_component_filter
+from mhd_uad.scoring.diagnostics import map_correlation
 from mhd_uad.tracking import log_evaluation
 
 log = logging.getLogger(__name__)
@@ -105,6 +121,12 @@ class ScorerFold:
     auprc: list[float] = field(default_factory=list)
     auroc: list[float] = field(default_factory=list)
     dice: list[float] = field(default_factory=list)
+    # the field's other conventions (`volume_conventions`, `other_conventions`)
+    fpr_thresholds: dict[str, float] = field(default_factory=dict)  # {"fpr01": t, ...} from healthy scans
+    dice_fpr: dict[str, list[float]] = field(default_factory=dict)  # per test volume at each of them
+    dice_oracle: list[float] = field(default_factory=list)
+    auprc_pooled: float = float("nan")
+    auroc_pooled: float = float("nan")
 
 
 class MapStore:
@@ -145,18 +167,44 @@ def val_thresholds(model, ev: EvaluationSet, settings: MhdSettings, device, step
     return out
 
 
+def _predict(scorer: str, amap: np.ndarray, threshold: float) -> np.ndarray:
+    """`map > threshold`, connected components filtered for the scorers whose Dice does that (§4.6)."""
+    pred = amap > threshold
+    return connected_component_filter(pred) if scorer in CONNECTED_COMPONENT_SCORERS else pred
+
+
+def volume_conventions(r: ScorerFold, scorer: str, amap: np.ndarray, valid: np.ndarray | None, truth: np.ndarray,
+                       counts: ScoreCounts, steps: int) -> None:
+    """One test volume's part in the field's other conventions: its counted voxels (the whole grid, as for the
+    per-volume metrics) join the pooled counts; its oracle Dice (the interval search on this volume alone; nan without a lesion voxel)
+    and its Dice at each healthy-FPR threshold (predicted as for the val threshold) are appended."""
+    scores = _counted(amap, valid)
+    counts.add(scores, truth)
+    r.dice_oracle.append(find_best_threshold(scores, truth, steps=steps).dice if truth.any() else np.nan)
+    for key, threshold in r.fpr_thresholds.items():
+        r.dice_fpr.setdefault(key, []).append(dice(_counted(_predict(scorer, amap, threshold), valid), truth))
+
+
 def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: int, results: dict[str, ScorerFold],
-                 store: MapStore, n_folds: int, histograms: dict[str, ScoreHistogram] | None) -> list[dict]:
+                 store: MapStore, n_folds: int, histograms: dict[str, ScoreHistogram] | None,
+                 threshold_steps: int = 10, diagnostics: list[dict] | None = None) -> list[dict]:
     """Per-volume metrics of every scorer on the test split (appended to `results`); returns the CSV rows.
 
     The mhd map adds to the fold mean; with `histograms` (the first fold) the PR histograms and the
-    gallery's maps and reconstructions are kept too."""
+    gallery's maps and reconstructions are kept too. The fold's pooled AUPRC/AUROC are set at the end. With
+    `diagnostics`, each volume's covariance diagnostics are appended (scoring.diagnostics)."""
     rows = []
+    counts = {s: ScoreCounts() for s in settings.scorers}
     for i, pos in enumerate(tqdm(ev.test_pos, desc=f"{ev.dataset} fold {fold} test", unit="scan")):
         image, mask, seg = ev.volume(pos)
         lesion, valid = ev.truth(seg)
         truth = _counted(lesion, valid)
-        maps, reco_mean = score_volume(model, image, mask, settings, ev.prepared.names[pos], device)
+        diag = {} if diagnostics is not None else None
+        maps, reco_mean = score_volume(model, image, mask, settings, ev.prepared.names[pos], device, diagnostics=diag)
+        if diag is not None:
+            if "nocov" in maps:
+                diag["corr_mhd_nocov"] = map_correlation(maps["mhd"], maps["nocov"], mask)
+            diagnostics.append(diag)
         store.fold_mean[i] += maps["mhd"] / n_folds
         if histograms is not None:
             store.first_mhd[i], store.first_reco[i] = maps["mhd"], reco_mean
@@ -166,14 +214,14 @@ def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: 
             # a lesion outside the grid: AP/AUROC undefined (left out of the means), Dice still counted
             r.auprc.append(per_volume_auprc(scores, truth) if truth.any() else np.nan)
             r.auroc.append(per_volume_auroc(scores, truth) if truth.any() else np.nan)
-            pred = maps[s] > r.threshold
-            if s == "l1":
-                pred = connected_component_filter(pred)
-            r.dice.append(dice(_counted(pred, valid), truth))
+            r.dice.append(dice(_counted(_predict(s, maps[s], r.threshold), valid), truth))
+            volume_conventions(r, s, maps[s], valid, truth, counts[s], threshold_steps)
             if histograms is not None:
                 histograms[s].add(scores, truth)
             row[f"{s}_auprc"], row[f"{s}_auroc"], row[f"{s}_dice"] = r.auprc[-1], r.auroc[-1], r.dice[-1]
         rows.append(row)
+    for s in settings.scorers:
+        results[s].auprc_pooled, results[s].auroc_pooled = counts[s].auprc(), counts[s].auroc()
     return rows
 
 
@@ -199,9 +247,51 @@ def summarise(per_fold: list[dict[str, ScorerFold]], ev: EvaluationSet, scorers:
             count = sum(int(a > b) for f in per_fold for a, b in zip(f["mhd"].auprc, f[other].auprc, strict=True)
                         if np.isfinite(a))
             wins[f"mhd_beats_{other}"] = count / len(per_fold)
+    if "mhd" in scorers:
+        for s in scorers:
+            if s != "mhd":
+                metrics[s]["versus_mhd"] = versus_mhd(per_fold, s)
     metrics["volumes"] = {"n_test": len(ev.test_pos), "n_val": len(ev.val_pos), "n_folds": len(per_fold),
                           "n_without_lesion": len(scans_without_lesion(ev)), **wins}
     return metrics
+
+
+def versus_mhd(per_fold: list[dict[str, ScorerFold]], baseline: str) -> dict:
+    """mhd − `baseline` on the per-volume test AUPRC, paired by scan and fold: the mean difference, its 95 %
+    bootstrap interval and the two-sided permutation p (evaluation.significance; 10,000 rounds, seeded). A scan
+    scored by several folds is one resampled unit (its folds' differences averaged), not several."""
+    mhd = [v for f in per_fold for v in f["mhd"].auprc]
+    other = [v for f in per_fold for v in f[baseline].auprc]
+    scans = [i for f in per_fold for i in range(len(f["mhd"].auprc))]  # each fold lists the test scans in order
+    c = paired_comparison(mhd, other, scans)
+    return {"delta_auprc": c.delta, "ci95": list(c.ci), "p_value": c.p_value, "n_scans": c.n}
+
+
+def other_conventions(per_fold: list[dict[str, ScorerFold]], scorers: tuple[str, ...]) -> dict[str, dict]:
+    """Each scorer's keys for the field's other conventions (added to its block of metrics/<set>.json):
+    pooled AUPRC/AUROC (mean over folds), oracle Dice and Dice at 1/5/10 % healthy FPR (mean over folds of
+    the volume means, nan skipped as for `dice`)."""
+    out = {}
+    for s in scorers:
+        folds = [f[s] for f in per_fold]
+        block = {"auprc_pooled": mean_std([f.auprc_pooled for f in folds])[0],
+                 "auroc_pooled": mean_std([f.auroc_pooled for f in folds])[0],
+                 "dice_oracle": aggregate_folds([f.dice_oracle for f in folds])[0]}
+        for key in FPR_LEVELS:
+            block[f"dice_{key}"] = aggregate_folds([f.dice_fpr.get(key, []) for f in folds])[0]
+        out[s] = block
+    return out
+
+
+def mhd_diagnostics(per_volume: list[dict]) -> dict:
+    """metrics/<set>.json `mhd_diagnostics`: the means over test volumes and folds of the residual's share
+    inside the span of the centred reconstructions (what Σ⁻¹ can change at all) and of the mhd-nocov map
+    correlation: near 0 and near 1 say the full covariance hardly matters on these data."""
+    out = {"n_volumes": len(per_volume)}
+    for key in ("residual_share_in_span", "corr_mhd_nocov"):
+        values = [d[key] for d in per_volume if key in d and np.isfinite(d[key])]
+        out[key] = float(np.mean(values)) if values else float("nan")
+    return out
 
 
 def scans_without_lesion(ev: EvaluationSet) -> list[str]:
@@ -213,6 +303,8 @@ def _finite_or_null(tree):
     """NaN (e.g. Dice of a fold without a single prediction) becomes null: the file stays strict JSON."""
     if isinstance(tree, dict):
         return {k: _finite_or_null(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_finite_or_null(v) for v in tree]
     if isinstance(tree, float) and not np.isfinite(tree):
         return None
     return tree
@@ -260,21 +352,28 @@ def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
         log.warning("%s: %d test scans have no lesion voxel on the model grid (AP/AUROC left out, Dice "
                     "counted): %s", dataset, len(missing), ", ".join(missing))
     folds = [int(f) for f in params.train.folds]
+    healthy = {fold: read_thresholds(thresholds_path(root, ev.modality, fold), settings.scorers, ev.modality, fold)
+               for fold in folds}  # checked before any scoring
     device, e = select_device(params), params.evaluate
     histograms = {s: ScoreHistogram() for s in settings.scorers}
-    per_fold, per_volume = [], []
+    per_fold, per_volume, diagnostics = [], [], []
     with replace_dir(root / "artifacts" / "eval" / dataset) as work:
         store = MapStore(work, len(ev.test_pos), ev.prepared.images.shape[1:])
         for k, fold in enumerate(folds):
             model, _ = load_cddpm(params, cddpm_path(root, ev.modality, fold), ev.modality)
             model.to(device)
             results = val_thresholds(model, ev, settings, device, int(e.threshold_steps), fold)
+            for s in settings.scorers:
+                results[s].fpr_thresholds = healthy[fold][s]
             per_volume += test_metrics(model, ev, settings, device, fold, results, store, len(folds),
-                                       histograms if k == 0 else None)
+                                       histograms if k == 0 else None, int(e.threshold_steps), diagnostics)
             per_fold.append(results)
             del model
             release_device_memory()
         metrics = summarise(per_fold, ev, settings.scorers)
+        for s, block in other_conventions(per_fold, settings.scorers).items():
+            metrics[s].update(block)
+        metrics["mhd_diagnostics"] = mhd_diagnostics(diagnostics)
         write_per_volume_csv(root / "metrics" / f"{dataset}_per_volume.csv", per_volume)
         write_pr_curves(root / "plots" / dataset, histograms, int(e.pr_curve_points))
         gallery = root / "reports" / "gallery" / f"{dataset}.png"

@@ -1,5 +1,6 @@
 """Voxel-level metrics of method.md §6: per-volume AUPRC/AUROC, Dice, the Zimmerer threshold search,
-healthy-scan FPR thresholds, and aggregation over volumes and folds.
+healthy-scan FPR thresholds, and aggregation over volumes and folds; and AUPRC/AUROC pooled over a whole
+set's voxels (`ScoreCounts`, exact), the field's other convention.
 
 Labels are binarised with > 0 everywhere (segmentations and masks may be interpolated, §2.2).
 Predictions from a threshold are `score > threshold` (strict), as in the original.
@@ -27,6 +28,7 @@ __all__ = [
     "summarize",
     "mean_std",
     "aggregate_folds",
+    "ScoreCounts",
 ]
 
 
@@ -208,3 +210,77 @@ def aggregate_folds(values_per_fold: Sequence[Iterable[float]]) -> tuple[float, 
     mean, fold_std = mean_std(fold_means)
     volume_std, _ = mean_std([s for _, s in per_fold])
     return mean, volume_std, fold_std
+
+
+def _collapse(values: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per distinct value (ascending), its lesion and background counts summed."""
+    if values.size == 0:
+        return values, pos, neg
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    starts = np.flatnonzero(np.concatenate([[True], v[1:] != v[:-1]]))
+    return v[starts], np.add.reduceat(pos[order], starts), np.add.reduceat(neg[order], starts)
+
+
+class ScoreCounts:
+    """Voxels of many volumes pooled exactly, without keeping them: per distinct score, how many lesion and
+    background voxels have it. AP and AUROC depend on nothing else, so `auprc`/`auroc` equal scikit-learn's
+    average_precision_score / roc_auc_score on the concatenated voxels (up to float rounding), ties included.
+
+    Memory is 20 bytes per distinct score (float32 maps: at most the number of voxels, far fewer when values
+    repeat, e.g. the zeros outside a brain); a volume's table joins the pool every `merge_every` rows."""
+
+    def __init__(self, merge_every: int = 1 << 22) -> None:
+        self.merge_every = merge_every
+        self.values = np.zeros(0, dtype=np.float32)
+        self.pos = np.zeros(0, dtype=np.int64)
+        self.neg = np.zeros(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+
+    def add(self, scores: Any, labels: Any) -> None:
+        """Pool the voxels of one volume (scores and labels of the same size; labels binarised > 0)."""
+        s, g = _flat_pair(scores, labels)
+        values, inverse = np.unique(s, return_inverse=True)
+        inverse = inverse.ravel()
+        pos = np.bincount(inverse[g], minlength=values.size).astype(np.int64)
+        neg = np.bincount(inverse[~g], minlength=values.size).astype(np.int64)
+        self._pending.append((values, pos, neg))
+        self._pending_rows += values.size
+        if self._pending_rows >= self.merge_every:
+            self._merge()
+
+    def _merge(self) -> None:
+        if self._pending:
+            parts = [(self.values, self.pos, self.neg), *self._pending]
+            self.values, self.pos, self.neg = _collapse(*(np.concatenate(p) for p in zip(*parts, strict=True)))
+            self._pending, self._pending_rows = [], 0
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distinct scores ascending, lesion voxels at each, background voxels at each)."""
+        self._merge()
+        return self.values, self.pos, self.neg
+
+    def _descending(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lesion and background voxels scoring at least each distinct value, highest value first."""
+        _, pos, neg = self.counts()
+        return np.cumsum(pos[::-1]).astype(np.float64), np.cumsum(neg[::-1]).astype(np.float64)
+
+    def auprc(self) -> float:
+        """Average precision over every pooled voxel: Σ (R_k − R_{k−1}) P_k over the distinct scores, highest
+        first (scikit-learn's definition); nan without a lesion voxel."""
+        tps, fps = self._descending()
+        if tps.size == 0 or tps[-1] == 0:
+            return float("nan")
+        recall = tps / tps[-1]
+        return float(np.sum(np.diff(recall, prepend=0.0) * (tps / (tps + fps))))
+
+    def auroc(self) -> float:
+        """ROC AUC over every pooled voxel (the trapezoid through every distinct score; ties count half);
+        nan unless both lesion and background voxels are pooled."""
+        tps, fps = self._descending()
+        if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
+            return float("nan")
+        tpr = np.concatenate([[0.0], tps / tps[-1]])
+        fpr = np.concatenate([[0.0], fps / fps[-1]])
+        return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))

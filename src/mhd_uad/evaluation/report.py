@@ -16,8 +16,30 @@ README_START = "<!-- results:start (written by `mhd-uad report --readme`; do not
 README_END = "<!-- results:end -->"
 SCORER_LABELS = {
     "mhd": "MHD (full covariance)", "dmhd": "dMHD (diagonal)", "nocov": "\\|x − μ\\| in place of MHD",
-    "mean": "mean reconstruction", "single": "single reconstruction", "l1": "cDDPM L1 + post-processing",
+    "mean": "mean reconstruction", "single": "single reconstruction",
+    "l1_mean_postproc": "cDDPM post-processing of μ", "cddpm": "cDDPM (original scoring)",
 }
+# One line per table row under the results (μ: the mean of the N reconstructions at t = 500).
+SCORER_LEGEND = {
+    "mhd": "(1 − SSIM(μ, x)) · M · gauss_σ1(minmax(pixel-wise Mahalanobis distance of x to the N "
+           "reconstructions)) · M, the method (method.md §4.2)",
+    "dmhd": "mhd with the diagonal covariance, |x − μ| / √(var + λ) (method.md §4.3)",
+    "nocov": "mhd with |x − μ| in place of the Mahalanobis distance",
+    "mean": "(1 − SSIM(μ, x)) · M, mhd without its distance term (method.md §4.5)",
+    "single": "(1 − SSIM(r₁, x)) · M, one reconstruction at t = 500, the paper's comparison (inferred, "
+              "method.md §4.5)",
+    "l1_mean_postproc": "cddpm's L1 residual and post-processing applied to μ instead of its three-level ensemble",
+    "cddpm": "the original cDDPM scoring (ENS t = 250/500/750, L1, eroded mask, median 5³, components "
+             "≥ 8 voxels for Dice; method.md §4.6)",
+}
+
+
+def scorer_legend(metrics: dict[str, dict]) -> list[str]:
+    """Markdown lines naming what each scorer in the tables computes, in table order ([] when none)."""
+    scorers = [s for s in SCORER_LABELS if any(s in blocks for blocks in metrics.values())]
+    if not scorers:
+        return []
+    return ["", "Scorers:", "", *(f"- {SCORER_LABELS[s]} (`{s}`): {SCORER_LEGEND[s]}" for s in scorers)]
 
 
 def load_metrics(metrics_dir: str | Path, datasets: list[str]) -> dict[str, dict]:
@@ -38,11 +60,15 @@ def _pct(value) -> str:
 
 
 def summary(metrics: dict[str, dict]) -> dict:
-    """metrics/summary.json: per dataset and scorer the headline numbers, plus mhd's gain over single."""
+    """metrics/summary.json: per dataset and scorer the headline numbers (and MHD − the scorer with its interval and p),
+    plus mhd's gain over single."""
     out: dict[str, dict] = {}
     for dataset, blocks in metrics.items():
         entry = {s: {k: b.get(k) for k in ("auprc", "auprc_std", "auroc", "dice", "dice_std")}
                  for s, b in blocks.items() if isinstance(b, dict) and "auprc" in b}
+        for s in entry:
+            if "versus_mhd" in blocks[s]:
+                entry[s]["versus_mhd"] = blocks[s]["versus_mhd"]
         single, mhd = blocks.get("single", {}).get("auprc"), blocks.get("mhd", {}).get("auprc")
         if single and mhd is not None:
             entry["mhd_vs_single_relative_gain"] = (mhd - single) / single
@@ -77,19 +103,90 @@ def wins_line(metrics: dict[str, dict]) -> str:
     return "Test volumes on which MHD's AUPRC beats a single reconstruction's: " + ", ".join(parts) + "."
 
 
+def format_p(p) -> str:
+    """'p = 0.004', 'p < 0.001', or 'p –' when undefined."""
+    if p is None or p != p:
+        return "p –"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def format_delta(delta, ci=None, p=None, unit: str = "") -> str:
+    """A difference of fractions in points with its interval (and p when given): '+3.1 [+1.2, +5.0] pp, p = 0.004'."""
+    if delta is None or delta != delta:
+        return "–"
+    text = f"{100 * delta:+.1f}"
+    if ci is not None:
+        lo, hi = ci
+        text += " [–]" if lo is None or hi is None or lo != lo or hi != hi else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    text += unit
+    return text if p is None else f"{text}, {format_p(p)}"
+
+
+def versus_mhd_table(metrics: dict[str, dict]) -> str:
+    """MHD − each baseline per dataset (the `versus_mhd` blocks); '' when no metrics file has them."""
+    datasets = list(metrics)
+    found = [s for d in datasets for s, b in metrics[d].items() if isinstance(b, dict) and "versus_mhd" in b]
+    scorers = [s for s in SCORER_LABELS if s in found] + sorted(set(found) - set(SCORER_LABELS))
+    if not scorers:
+        return ""
+    lines = ["| MHD − | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
+    for s in scorers:
+        cells = []
+        for d in datasets:
+            v = metrics[d].get(s, {}).get("versus_mhd")
+            cells.append("–" if not v else format_delta(v.get("delta_auprc"), v.get("ci95"), v.get("p_value")))
+        lines.append(f"| {SCORER_LABELS.get(s, s)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The field's other conventions (evaluation.evaluate `other_conventions`), shown collapsed under the paper's.
+OTHER_CONVENTIONS = {
+    "auprc_pooled": "AUPRC pooled over all test voxels of the set (UPD, MedIAnomaly, BMAD)",
+    "auroc_pooled": "AUROC pooled over all test voxels of the set",
+    "dice_oracle": "Dice at each volume's own best threshold (the original's BestDicePerVol)",
+    "dice_fpr01": "Dice at the threshold with 1 % voxel FPR on the fold's healthy IXI val scans",
+    "dice_fpr05": "Dice at 5 % healthy FPR",
+    "dice_fpr10": "Dice at 10 % healthy FPR",
+}
+
+
+def other_conventions_markdown(metrics: dict[str, dict]) -> list[str]:
+    """A collapsed section with one small table per convention present in the metrics ([] when none)."""
+    keys = [k for k in OTHER_CONVENTIONS
+            if any(isinstance(b, dict) and k in b for blocks in metrics.values() for b in blocks.values())]
+    if not keys:
+        return []
+    lines = ["", "<details><summary>The field's other conventions, in % (pooled metrics, oracle Dice, Dice at "
+             "healthy FPR)</summary>", ""]
+    for k in keys:
+        lines += [f"{OTHER_CONVENTIONS[k]} (`{k}`):", "", markdown_table(metrics, k), ""]
+    return [*lines, "</details>"]
+
+
 def summary_markdown(metrics: dict[str, dict], profile: str) -> str:
     n_folds = {b.get("volumes", {}).get("n_folds") for b in metrics.values()}
+    versus = versus_mhd_table(metrics)
+    significance = [
+        "MHD − each baseline, per-volume AUPRC in points: mean difference over the paired test volumes "
+        "[95 % bootstrap interval], p of a two-sided paired permutation test (10,000 rounds):",
+        "",
+        versus,
+        "",
+    ] if versus else []
     return "\n".join([
         f"Per-volume AUPRC in % (mean ± std over test volumes; {'/'.join(str(n) for n in sorted(n_folds))} "
         f"fold(s); profile `{profile}`):",
         "",
         markdown_table(metrics, "auprc"),
         "",
+        *significance,
         "Dice in % at the threshold tuned on each set's val split:",
         "",
         markdown_table(metrics, "dice"),
         "",
         wins_line(metrics),
+        *other_conventions_markdown(metrics),
+        *scorer_legend(metrics),
     ])
 
 

@@ -2,8 +2,10 @@
 
 The encoder runs once per volume; the N reconstructions are single UNet passes at one noise level.
 Reconstruction n of scan s uses a simplex field seeded by (run seed, s, n), so a scan's maps repeat
-exactly, whatever else is evaluated beside it. The N reconstructions of all slices go through the UNet
-in chunks of `max_batch` images under the configured autocast precision. The device is chosen here,
+exactly, whatever else is evaluated beside it. When the cddpm scorer is asked for, the same encoder pass
+also serves its ENS reconstructions (method.md §4.6): one at each of `mhd.cddpm_noise_levels`, the one at
+0-based index t seeded by (run seed, s, "cddpm", t). The reconstructions of all slices go through the
+UNet in chunks of `max_batch` images under the configured autocast precision. The device is chosen here,
 once, for every command that runs a trained model (`select_device`).
 """
 
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mhd_uad.config import require
+from mhd_uad.config import as_int_list, require
+from mhd_uad.errors import MhdUadError
 from mhd_uad.scoring.anomaly_maps import SCORERS, anomaly_maps
+from mhd_uad.scoring.diagnostics import residual_share_in_span
 
 PRECISIONS = {"32": None, "32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
@@ -31,6 +35,7 @@ class MhdSettings:
     max_batch: int
     precision: str
     scorers: tuple[str, ...]
+    cddpm_t_indices: tuple[int, ...] = ()  # 0-based; the cddpm scorer's noise levels 250/500/750 -> 249/499/749
 
     @classmethod
     def from_params(cls, params) -> MhdSettings:
@@ -47,16 +52,42 @@ class MhdSettings:
         unknown = [s for s in scorers if s not in SCORERS]
         require(not unknown, f"evaluate.scorers holds unknown scorers {unknown}; known: {list(SCORERS)}")
         require("mhd" in scorers, "evaluate.scorers must include mhd")
-        return cls(n, level - 1, float(m.ridge), int(m.seed), int(m.max_batch), str(m.precision), scorers)
+        levels = m.get("cddpm_noise_levels")
+        require(levels is not None or "cddpm" not in scorers,
+                "evaluate.scorers includes cddpm, so mhd.cddpm_noise_levels must be set (method.md §4.6: "
+                "[250, 500, 750])")
+        t_indices = () if levels is None else _cddpm_t_indices(levels, timesteps)
+        return cls(n, level - 1, float(m.ridge), int(m.seed), int(m.max_batch), str(m.precision), scorers,
+                   t_indices)
+
+
+def _cddpm_t_indices(levels, timesteps: int) -> tuple[int, ...]:
+    """mhd.cddpm_noise_levels (1-based t of T, like mhd.noise_level) -> 0-based indices (250 -> 249)."""
+    key = "mhd.cddpm_noise_levels"
+    require(not isinstance(levels, str | bytes), f"`{key}` must be a list of integers, got {levels!r}")
+    values = as_int_list(levels, key)
+    require(all(float(v) == int(v) for v in levels), f"`{key}` must be a list of integers, got {list(levels)}")
+    require(len(values) >= 1, f"`{key}` must name at least one noise level, got {values}")
+    require(all(1 <= v <= timesteps for v in values), f"`{key}` entries must lie in 1..{timesteps}, got {values}")
+    require(len(set(values)) == len(values), f"`{key}` lists a noise level twice: {values}")
+    return tuple(v - 1 for v in values)
+
+
+def _seed(key: str) -> int:
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def reconstruction_seeds(run_seed: int, scan: str, n: int) -> list[int]:
     """Noise seeds of a scan's n reconstructions, stable across machines and Python runs."""
-    out = []
-    for i in range(n):
-        digest = hashlib.sha256(f"{run_seed}:{scan}:{i}".encode()).digest()
-        out.append(int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
-    return out
+    return [_seed(f"{run_seed}:{scan}:{i}") for i in range(n)]
+
+
+def ensemble_seeds(run_seed: int, scan: str, t_indices: tuple[int, ...]) -> list[int]:
+    """Noise seeds of a scan's cddpm ENS reconstructions, one per 0-based t index (a seed depends on its own t
+    only, and none coincides with a reconstruction_seeds key). The original draws a fresh unseeded field per
+    t (method.md §3.2); seeding makes a scan's cddpm map repeat exactly."""
+    return [_seed(f"{run_seed}:{scan}:cddpm:{t}") for t in t_indices]
 
 
 def select_device(params) -> torch.device:
@@ -80,21 +111,46 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def reconstruct_volume(model, image: np.ndarray, settings: MhdSettings, scan: str,
-                       device: torch.device | str = "cpu") -> np.ndarray:
-    """[S, H, W] in [0, 1] -> its N reconstructions [N, S, H, W] (float32, [0, 1] scale)."""
+def reconstruct_scan(model, image: np.ndarray, settings: MhdSettings, scan: str,
+                     device: torch.device | str = "cpu", ensemble: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """[S, H, W] in [0, 1] -> (its N reconstructions [N, S, H, W] at settings.t_index, and with `ensemble`
+    the cddpm scorer's L reconstructions [L, S, H, W], one at each of settings.cddpm_t_indices, else None);
+    float32, [0, 1] scale, from one encoder pass."""
+    if ensemble and not settings.cddpm_t_indices:
+        raise MhdUadError("the cddpm scorer needs mhd.cddpm_noise_levels (method.md §4.6: [250, 500, 750])")
     device = torch.device(device)
     x = torch.from_numpy(np.array(image, dtype=np.float32))[:, None].to(device)  # a copy: memmaps are read-only
     seeds = reconstruction_seeds(settings.seed, scan, settings.num_reconstructions)
+    ens = None
     with torch.inference_mode(), _autocast(device, settings.precision):
         cond = model.encode(x)  # once per volume, reused by every reconstruction (method.md §3.4)
         recos = model.reconstruct_many(x, settings.t_index, seeds, cond=cond, max_batch=settings.max_batch)
-    return recos[:, :, 0].float().cpu().numpy()
+        if ensemble:
+            # differs knowingly: seeded fields per (scan, t); the original draws a fresh random field per t
+            ens_seeds = ensemble_seeds(settings.seed, scan, settings.cddpm_t_indices)
+            ens = torch.cat([model.reconstruct_many(x, t, [seed], cond=cond, max_batch=settings.max_batch)
+                             for t, seed in zip(settings.cddpm_t_indices, ens_seeds, strict=True)])
+    recos = recos[:, :, 0].float().cpu().numpy()
+    return recos, None if ens is None else ens[:, :, 0].float().cpu().numpy()
+
+
+def reconstruct_volume(model, image: np.ndarray, settings: MhdSettings, scan: str,
+                       device: torch.device | str = "cpu") -> np.ndarray:
+    """[S, H, W] in [0, 1] -> its N reconstructions [N, S, H, W] (float32, [0, 1] scale)."""
+    return reconstruct_scan(model, image, settings, scan, device)[0]
 
 
 def score_volume(model, image: np.ndarray, mask: np.ndarray, settings: MhdSettings, scan: str,
-                 device: torch.device | str = "cpu", scorers: tuple[str, ...] | None = None):
-    """The anomaly maps of one volume ({scorer: [S, H, W]}) and its mean reconstruction ([S, H, W])."""
-    recos = reconstruct_volume(model, image, settings, scan, device)
-    maps = anomaly_maps(image, recos, mask, ridge=settings.ridge, scorers=scorers or settings.scorers)
+                 device: torch.device | str = "cpu", scorers: tuple[str, ...] | None = None,
+                 diagnostics: dict | None = None):
+    """The anomaly maps of one volume ({scorer: [S, H, W]}) and its mean reconstruction ([S, H, W]).
+
+    The cddpm scorer's ENS reconstructions are made only when cddpm is among the scorers. With a
+    `diagnostics` dict, its "residual_share_in_span" is set (scoring.diagnostics)."""
+    scorers = scorers or settings.scorers
+    recos, ens = reconstruct_scan(model, image, settings, scan, device, ensemble="cddpm" in scorers)
+    maps = anomaly_maps(image, recos, mask, ridge=settings.ridge, scorers=scorers, ensemble=ens)
+    if diagnostics is not None:
+        diagnostics["residual_share_in_span"] = residual_share_in_span(image, recos, mask)
     return maps, recos.mean(axis=0)

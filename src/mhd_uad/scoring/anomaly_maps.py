@@ -2,20 +2,24 @@
 
 Axis convention: every volume here is [S,H,W] with S the axial slices first (a [X,Y,Z] NIfTI-order
 volume becomes [Z,X,Y] with `data.geometry.to_slices`); reconstructions are [N,S,H,W]. The Mahalanobis
-covariance is per axial slice (over H×W), the mask erosion of `l1` is per axial slice with iterations
-W//25 (W = last axis, 96 -> 3 as in the original); SSIM, the Gaussian smoothing and the median filter are
-isotropic 3-D operations, so their result does not depend on the axis order.
+covariance is per axial slice (over H×W), the mask erosion of the L1 scorers is per axial slice with
+iterations W//25 (W = last axis, 96 -> 3 as in the original); SSIM, the Gaussian smoothing and the median
+filter are isotropic 3-D operations, so their result does not depend on the axis order.
 
-Scorers (all return float32 [S,H,W], zero outside the brain mask; l1 is not re-masked after its median
-filter, as in the original, so it is zero outside the mask unless a voxel's 5³ neighbourhood is mostly
-eroded brain, which a 3-pixel erosion rules out for ordinary brain masks):
+Scorers (all return float32 [S,H,W], zero outside the brain mask; the L1 scorers are not re-masked after
+their median filter, as in the original, so they are zero outside the mask unless a voxel's 5³
+neighbourhood is mostly eroded brain, which a 3-pixel erosion rules out for ordinary brain masks):
     mhd    S·M·G·M with G = gauss_σ1(minmax(pixel-wise Mahalanobis)), S = 1 − SSIM3D(μ, x)
     dmhd   the mhd pipeline with the diagonal-covariance distance |d|/sqrt(var + λ)
     nocov  the mhd pipeline with |x − μ|·[M > 0] in place of the Mahalanobis distance
     mean   (1 − SSIM3D(μ, x))·M
     single (1 − SSIM3D(r_1, x))·M, the first reconstruction alone
-    l1     median_5³(|x − μ| · erode_slicewise(M > 0)), the cDDPM scoring of §4.6 with x̂ = μ;
-           its Dice uses `connected_component_filter` on the thresholded map, its AUPRC this map.
+    l1_mean_postproc  median_5³(|x − μ| · erode_slicewise(M > 0)), the cDDPM post-processing of §4.6
+           applied to x̂ = μ, the mean of the N reconstructions at one t
+    cddpm  the original cDDPM scoring (§4.6): the same steps with x̂ = mean of the ENS reconstructions,
+           one at each of t = 250, 500, 750 (passed as `ensemble`, [L,S,H,W])
+The Dice of the scorers in CONNECTED_COMPONENT_SCORERS uses `connected_component_filter` on the
+thresholded map, their AUPRC the map itself (§4.6 step 4).
 M is the mask as given (its raw values multiply the map, as in the original); Ω = M > 0.
 """
 
@@ -33,6 +37,7 @@ from mhd_uad.scoring.ssim import ssim_map_3d
 
 __all__ = [
     "SCORERS",
+    "CONNECTED_COMPONENT_SCORERS",
     "anomaly_maps",
     "normalise_min_max",
     "smooth_volume",
@@ -42,7 +47,9 @@ __all__ = [
     "connected_component_filter",
 ]
 
-SCORERS: tuple[str, ...] = ("mhd", "single", "mean", "dmhd", "nocov", "l1")
+SCORERS: tuple[str, ...] = ("mhd", "single", "mean", "dmhd", "nocov", "l1_mean_postproc", "cddpm")
+# Scorers whose Dice is taken after removing connected components of < 8 voxels (§4.6 step 4).
+CONNECTED_COMPONENT_SCORERS: tuple[str, ...] = ("l1_mean_postproc", "cddpm")
 
 _MEDIAN_SIZE = 5  # §4.6: 3-D median filter 5×5×5
 _EROSION_DIVISOR = 25  # §4.6: iterations = W // 25
@@ -100,7 +107,10 @@ def eroded_brain_mask(mask: np.ndarray, iterations: int | None = None) -> np.nda
 def l1_anomaly_map(
     image: np.ndarray, reconstruction: np.ndarray, mask: np.ndarray, erosion_iterations: int | None = None
 ) -> np.ndarray:
-    """cDDPM scoring (§4.6): |x − x̂| × slice-wise eroded brain mask, then a 5×5×5 median filter (float32)."""
+    """cDDPM scoring (§4.6): |x − x̂| × slice-wise eroded brain mask, then a 5×5×5 median filter (float32).
+
+    The original's code order (erosion, then median); its paper text names the median first.
+    """
     x = np.asarray(image, dtype=np.float32)
     residual = np.abs(x - np.asarray(reconstruction, dtype=np.float32))
     residual *= eroded_brain_mask(mask, erosion_iterations)
@@ -126,16 +136,19 @@ def connected_component_filter(binary: np.ndarray, min_size: int = 8) -> np.ndar
     return keep[labels]
 
 
-def _check_inputs(image: np.ndarray, recos: np.ndarray, mask: np.ndarray) -> None:
+def _check_inputs(image: np.ndarray, recos: np.ndarray, mask: np.ndarray, ensemble: np.ndarray | None = None
+                  ) -> None:
     if image.ndim != 3:
         raise MhdUadError(f"image must be a volume [S,H,W], got shape {image.shape}")
-    if recos.ndim != 4 or recos.shape[1:] != image.shape:
-        raise MhdUadError(f"reconstructions must be [N,S,H,W] = [N,*{image.shape}], got shape {recos.shape}")
-    if recos.shape[0] < 1:
-        raise MhdUadError("need at least one reconstruction")
+    stacks = [("reconstructions", recos)] + ([] if ensemble is None else [("ensemble", ensemble)])
+    for name, stack in stacks:
+        if stack.ndim != 4 or stack.shape[1:] != image.shape:
+            raise MhdUadError(f"{name} must be [N,S,H,W] = [N,*{image.shape}], got shape {stack.shape}")
+        if stack.shape[0] < 1:
+            raise MhdUadError(f"need at least one reconstruction in {name}")
     if mask.shape != image.shape:
         raise MhdUadError(f"mask shape {mask.shape} does not match image shape {image.shape}")
-    for name, arr in (("image", image), ("reconstructions", recos), ("mask", mask)):
+    for name, arr in (("image", image), *stacks, ("mask", mask)):
         if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
             raise MhdUadError(f"{name} must hold real numbers, got dtype {arr.dtype}")
         if not np.isfinite(arr).all():
@@ -148,6 +161,7 @@ def anomaly_maps(
     mask: Any,
     ridge: float = 1e-2,
     scorers: Iterable[str] = SCORERS,
+    ensemble: Any = None,
 ) -> dict[str, np.ndarray]:
     """All requested anomaly maps of one volume, sharing μ, SSIM(μ, x) and |x − μ| between scorers.
 
@@ -158,6 +172,8 @@ def anomaly_maps(
         mask: brain mask [S,H,W] (raw values multiply the maps; mask > 0 defines the brain), or None.
         ridge: λ of the covariance (method.md: 1e-2).
         scorers: any of SCORERS.
+        ensemble: the cddpm scorer's reconstructions, [L,S,H,W], one per noise level (§4.6 ENS: t = 250,
+            500, 750); needed only, and only read, when cddpm is requested.
 
     Returns:
         {scorer: float32 [S,H,W] map} in the order requested.
@@ -172,7 +188,10 @@ def anomaly_maps(
     x = _to_numpy(image)
     r = _to_numpy(reconstructions)
     m = np.ones(x.shape, dtype=np.float32) if mask is None else _to_numpy(mask)
-    _check_inputs(x, r, m)
+    ens = _to_numpy(ensemble) if "cddpm" in names and ensemble is not None else None
+    _check_inputs(x, r, m, ens)
+    if "cddpm" in names and ens is None:
+        raise MhdUadError("the cddpm scorer needs its ensemble reconstructions (one per noise level, [L,S,H,W])")
     if r.shape[0] < 2 and {"mhd", "dmhd"} & set(names):
         raise MhdUadError(f"mhd and dmhd need N >= 2 reconstructions, got N={r.shape[0]}")
     x = np.asarray(x, dtype=np.float32)
@@ -209,6 +228,9 @@ def anomaly_maps(
             out[name] = (mean_ssim_residual() * m_values).astype(np.float32)
         elif name == "single":
             out[name] = ((1.0 - ssim_map_3d(r[0], x)) * m_values).astype(np.float32)
-        elif name == "l1":
+        elif name == "l1_mean_postproc":
             out[name] = l1_anomaly_map(x, mu, brain)
+        elif name == "cddpm":
+            # §4.6: x̂ = the average of the ENS reconstructions, then the same residual and post-processing
+            out[name] = l1_anomaly_map(x, np.asarray(ens, dtype=np.float32).mean(axis=0), brain)
     return out

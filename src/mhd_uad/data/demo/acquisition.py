@@ -111,6 +111,54 @@ def subject_seed_sequence(seed: int, dataset: str, index: int) -> np.random.Seed
     return np.random.SeedSequence(entropy=int(seed), spawn_key=(DATASETS[dataset][0], int(index)))
 
 
+@dataclass
+class _SubjectDraws:
+    """One subject's tissue, sequence and texture draws (all from its tissue stream)."""
+
+    tissues: dict[str, TissueProperties]
+    t1w: T1wSequence
+    t2w: T2wSequence
+    lesion_jitter: np.ndarray
+    heterogeneity: np.ndarray
+    t2_texture_noise: np.ndarray
+
+
+def _subject_draws(rng: np.random.Generator, shape, v: float) -> _SubjectDraws:
+    # Tissue-parameter jitter per subject, sequence jitter around IXI's (scanner differences). demo-data.md
+    # §4.1.2 says x U(0.93, 1.07); the inversion-prepared T1w signal is steep in T1, and +-7 % on each tissue's
+    # T1 spread T1w GM/WM over 0.52-0.92 against the real templates' 0.60-0.75, so T1 gets +-3 %.
+    low, high = [0.97, 0.93, 0.93], [1.03, 1.07, 1.07]
+    tissues = {k: t.scaled(*rng.uniform(low, high)) for k, t in HEALTHY_TISSUES.items()}
+    t1w = T1wSequence(tr=rng.uniform(9.3, 10.3), flip_deg=rng.uniform(7.0, 9.0), ti=rng.uniform(745.0, 775.0))
+    t2w = T2wSequence(tr=rng.uniform(4500.0, 7000.0), te=rng.uniform(90.0, 110.0))
+    # Lesion T1 x U(0.97, 1.03) like the healthy tissues (+-15 % turned WMH bright on this T1w), T2
+    # x U(0.85, 1.15) as demo-data.md §4.2, PD x U(0.95, 1.05).
+    lesion_jitter = rng.uniform([0.97, 0.85, 0.95], [1.03, 1.15, 1.05])
+    heterogeneity = np.exp(0.12 * smooth_noise(rng, shape, 3.0, v))
+    t2_texture_noise = smooth_noise(rng, shape, 4.0, v)
+    return _SubjectDraws(tissues, t1w, t2w, lesion_jitter, heterogeneity, t2_texture_noise)
+
+
+def _render(anat, pv, pv_nominal, components, voids, draws: _SubjectDraws, contrasts, streams) -> dict:
+    """T1w: the real template T1 times the ratio of this subject's model to the nominal healthy model;
+    T2w: the signal equation with the template's texture; both through the acquisition."""
+    brain, v = anat.brain, anat.v
+    pure_wm = brain & (pv[1] > 0.9)
+    images = {}
+    if "t1" in contrasts:
+        subject = _mix_signal(pv, draws.tissues, components, draws.t1w, draws.heterogeneity)
+        nominal = _mix_signal(pv_nominal, HEALTHY_TISSUES, [], T1wSequence(), 1.0)
+        ratio = np.clip(subject / np.maximum(nominal, 1e-9), 0.0, 3.0)
+        signal = anat.channels[T1] * ratio * brain
+        images["t1"] = acquire(np.random.default_rng(streams["t1"]), signal, brain, v, pure_wm)
+    if "t2" in contrasts:
+        subject = _mix_signal(pv, draws.tissues, components, draws.t2w, draws.heterogeneity)
+        texture = (1.0 - T2_TEXTURE_GAIN * anat.channels[TEXTURE]) * np.exp(0.03 * draws.t2_texture_noise)
+        signal = subject * texture * (1.0 - 0.8 * np.clip(voids, 0.0, 1.0)) * brain
+        images["t2"] = acquire(np.random.default_rng(streams["t2"]), signal, brain, v, pure_wm)
+    return images
+
+
 def _pick_base(rng: np.random.Generator, bases) -> BaseAnatomy:
     if isinstance(bases, BaseAnatomy):
         return bases
@@ -155,20 +203,7 @@ def simulate_subject(
                 points = compose_backward_maps(points, plan.second_map, v)
                 anat = _warp_subject(base, points)
 
-    # Tissue-parameter jitter x U(0.93, 1.07) per subject (scanner differences), sequence jitter around IXI's.
-    tissues = {k: t.scaled(*tissue_rng.uniform(0.93, 1.07, 3)) for k, t in HEALTHY_TISSUES.items()}
-    t1w = T1wSequence(
-        tr=tissue_rng.uniform(9.3, 10.3),
-        flip_deg=tissue_rng.uniform(7.0, 9.0),
-        ti=tissue_rng.uniform(740.0, 780.0),
-    )
-    t2w = T2wSequence(tr=tissue_rng.uniform(4500.0, 7000.0), te=tissue_rng.uniform(90.0, 110.0))
-    # Lesion T1 x U(0.93, 1.07) like the healthy tissues (the inversion-prepared T1w signal is steep in T1:
-    # +-15 % would turn WMH bright), T2 x U(0.85, 1.15) as demo-data.md §4.2, PD x U(0.95, 1.05).
-    lesion_jitter = tissue_rng.uniform([0.93, 0.85, 0.95], [1.07, 1.15, 1.05])
-    heterogeneity = np.exp(0.12 * smooth_noise(tissue_rng, anat.shape, 3.0, v))
-    t2_texture_noise = smooth_noise(tissue_rng, anat.shape, 4.0, v)
-
+    draws = _subject_draws(tissue_rng, anat.shape, v)
     pv_nominal = tissue_pv(anat.channels)
     distractor_rng = np.random.default_rng(distractor_ss)
     if warp:
@@ -183,25 +218,11 @@ def simulate_subject(
             strongest = np.sum([f for f, _ in lesion_components], axis=0) * anat.brain
             seg = np.zeros(anat.shape, dtype=np.uint8)
             seg[np.unravel_index(np.argmax(strongest), anat.shape)] = 1
-        components = components + [(f, t.scaled(*lesion_jitter)) for f, t in lesion_components]
+        components = components + [(f, t.scaled(*draws.lesion_jitter)) for f, t in lesion_components]
 
     brain = anat.brain
     pv = tissue_pv(anat.channels)
-    pure_wm = brain & (pv[1] > 0.9)
-    images = {}
-    if "t1" in contrasts:
-        # The real template T1, multiplied by the ratio of this subject's model to the nominal healthy model.
-        subject = _mix_signal(pv, tissues, components, t1w, heterogeneity)
-        nominal = _mix_signal(pv_nominal, HEALTHY_TISSUES, [], T1wSequence(), 1.0)
-        ratio = np.clip(subject / np.maximum(nominal, 1e-9), 0.0, 3.0)
-        images["t1"] = acquire(
-            np.random.default_rng(t1_ss), anat.channels[T1] * ratio * brain, brain, v, pure_wm
-        )
-    if "t2" in contrasts:
-        subject = _mix_signal(pv, tissues, components, t2w, heterogeneity)
-        texture = (1.0 - T2_TEXTURE_GAIN * anat.channels[TEXTURE]) * np.exp(0.03 * t2_texture_noise)
-        signal = subject * texture * (1.0 - 0.8 * np.clip(voids, 0.0, 1.0))
-        images["t2"] = acquire(np.random.default_rng(t2_ss), signal * brain, brain, v, pure_wm)
+    images = _render(anat, pv, pv_nominal, components, voids, draws, contrasts, {"t1": t1_ss, "t2": t2_ss})
     mask = brain.astype(np.uint8)
     if seg is not None:
         seg = (seg * mask).astype(np.uint8)

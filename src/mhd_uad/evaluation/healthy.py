@@ -1,0 +1,149 @@
+"""The `score-healthy@<M>-<fold>` stage: each scorer's thresholds at 1, 5 and 10 % voxel false-positive rate
+on healthy scans, the field's fixed-FPR operating points (method.md §5 logs them on IXI).
+
+The fold's cDDPM scores the fold's IXI val scans (healthy, never trained on), once per modality and fold, not
+once per test set; a scorer's threshold at rate r is the (1 − r) quantile of its map over their pooled brain
+voxels (mask > 0; `metrics.threshold_at_fpr`), so `map > threshold` flags a fraction r of them. A scan
+the split lists twice is scored and counted once. The `evaluate@<set>` stages of the modality read the
+file back (`read_thresholds`) for each scorer's Dice at these thresholds (`dice_fpr01`, `dice_fpr05`,
+`dice_fpr10` in metrics/<set>.json).
+
+artifacts/healthy/<M>/fold<K>/thresholds.json (written atomically):
+    {"modality": "t2", "fold": 0, "n_scans": .., "n_voxels": .. (pooled brain voxels), "scans": [names],
+     "fpr": {"fpr01": 0.01, "fpr05": 0.05, "fpr10": 0.1},
+     "thresholds": {scorer: {"fpr01": .., "fpr05": .., "fpr10": ..}}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mhd_uad.config import to_plain
+from mhd_uad.data.prepared import PreparedSet, prepared_name
+from mhd_uad.data.splits import IXI, read_split_csv
+from mhd_uad.errors import InputFileError
+from mhd_uad.evaluation.metrics import threshold_at_fpr
+from mhd_uad.io import atomic_write_text
+from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
+from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
+from mhd_uad.tracking import log_evaluation
+
+log = logging.getLogger(__name__)
+
+FPR_LEVELS: dict[str, float] = {"fpr01": 0.01, "fpr05": 0.05, "fpr10": 0.10}
+
+
+def thresholds_path(root: str | Path, modality: str, fold: int) -> Path:
+    return Path(root) / "artifacts" / "healthy" / modality / f"fold{int(fold)}" / "thresholds.json"
+
+
+def healthy_scans(params, modality: str, fold: int) -> tuple[PreparedSet, list[int]]:
+    """The prepared IXI set of the modality and the positions of the fold's val scans in it (each once)."""
+    artifacts = Path(params.paths.artifacts)
+    ps = PreparedSet.open(artifacts / "prepared" / prepared_name(IXI, modality))
+    csv_path = artifacts / "splits" / f"{IXI}_val_fold{int(fold)}.csv"
+    positions = ps.positions(read_split_csv(csv_path, params.paths.data, modality), csv_path)
+    return ps, list(dict.fromkeys(positions))
+
+
+def pooled_brain_scores(model, ps: PreparedSet, positions: list[int], settings: MhdSettings, device,
+                        desc: str = "healthy") -> tuple[dict[str, np.ndarray], int]:
+    """Every scorer's map values over the brain voxels (mask > 0) of the scans, pooled; and their number."""
+    pooled: dict[str, list[np.ndarray]] = {s: [] for s in settings.scorers}
+    n_voxels = 0
+    for pos in tqdm(positions, desc=desc, unit="scan"):
+        image, mask = np.asarray(ps.images[pos]), np.asarray(ps.masks[pos])
+        maps, _ = score_volume(model, image, mask, settings, ps.names[pos], device)
+        brain = mask > 0
+        for s in settings.scorers:
+            pooled[s].append(maps[s][brain])
+        n_voxels += int(brain.sum())
+    return {s: np.concatenate(v) for s, v in pooled.items()}, n_voxels
+
+
+def fpr_thresholds(pooled: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """{scorer: {"fpr01": t, "fpr05": t, "fpr10": t}} from each scorer's pooled healthy brain voxels."""
+    rates = list(FPR_LEVELS.values())
+    return {s: {k: float(t) for k, t in zip(FPR_LEVELS, threshold_at_fpr(v, rates), strict=True)}
+            for s, v in pooled.items()}
+
+
+def write_thresholds(path: str | Path, payload: dict) -> Path:
+    """The thresholds file, complete or not at all (atomic rename)."""
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    return Path(path)
+
+
+def _problem(data, scorers, modality: str | None, fold: int | None) -> str | None:
+    """What is wrong with a parsed thresholds file, or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, found {type(data).__name__}"
+    if modality is not None and data.get("modality") != modality:
+        return f"made for modality {data.get('modality')!r}, not {modality!r}"
+    if fold is not None and data.get("fold") != int(fold):
+        return f"made for fold {data.get('fold')!r}, not {int(fold)}"
+    if data.get("fpr") != FPR_LEVELS:
+        return f"`fpr` is {data.get('fpr')!r}, expected {FPR_LEVELS}"
+    n_scans = data.get("n_scans")
+    if not isinstance(n_scans, int) or isinstance(n_scans, bool) or n_scans < 1:
+        return f"`n_scans` is {n_scans!r}, expected a positive integer"
+    table = data.get("thresholds")
+    if not isinstance(table, dict):
+        return "no `thresholds` object"
+    for s in scorers:
+        entry = table.get(s)
+        if not isinstance(entry, dict):
+            return f"no thresholds for scorer {s!r} (has {sorted(table)})"
+        for key in FPR_LEVELS:
+            value = entry.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                return f"thresholds.{s}.{key} is {value!r}, expected a finite number"
+    return None
+
+
+def read_thresholds(path: str | Path, scorers, modality: str | None = None, fold: int | None = None
+                    ) -> dict[str, dict[str, float]]:
+    """{scorer: {"fpr01": t, "fpr05": t, "fpr10": t}} from a thresholds file, checked for every scorer named
+    (and the modality and fold when given); a missing or malformed file is an InputFileError naming it."""
+    path = Path(path)
+    stage = f"score-healthy@{modality}-{fold}" if modality is not None and fold is not None else "score-healthy"
+    if not path.is_file():
+        raise InputFileError(f"healthy-scan FPR thresholds not found (run the stage: `dvc repro {stage}`)", path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(f"unreadable healthy-scan FPR thresholds ({exc}); re-run `dvc repro {stage}`",
+                             path) from None
+    if problem := _problem(data, list(scorers), modality, fold):
+        raise InputFileError(f"malformed healthy-scan FPR thresholds: {problem}; re-run `dvc repro {stage}`", path)
+    return {s: {k: float(data["thresholds"][s][k]) for k in FPR_LEVELS} for s in scorers}
+
+
+def run_score_healthy(params, modality: str, fold: int, root: str | Path = ".") -> Path:
+    """Score the fold's healthy IXI val scans with its cDDPM; returns the thresholds file."""
+    root = Path(root)
+    settings = MhdSettings.from_params(params)
+    ps, positions = healthy_scans(params, modality, fold)
+    device = select_device(params)
+    model, _ = load_cddpm(params, cddpm_path(root, modality, fold), modality)
+    model.to(device)
+    pooled, n_voxels = pooled_brain_scores(model, ps, positions, settings, device, f"IXI {modality} fold {fold}")
+    del model
+    release_device_memory()
+    if n_voxels == 0:
+        raise InputFileError(f"the healthy val scans of fold {fold} hold no brain voxel", ps.folder)
+    thresholds = fpr_thresholds(pooled)
+    payload = {"modality": modality, "fold": int(fold), "n_scans": len(positions), "n_voxels": n_voxels,
+               "scans": [ps.names[p] for p in positions], "fpr": dict(FPR_LEVELS), "thresholds": thresholds}
+    out = write_thresholds(thresholds_path(root, modality, fold), payload)
+    log.info("%s fold %d: FPR thresholds from %d healthy scans (%d brain voxels)", modality, fold,
+             len(positions), n_voxels)
+    log_evaluation(f"score-healthy@{modality}-{fold}", to_plain(params),
+                   {"n_scans": len(positions), "n_voxels": n_voxels, "thresholds": thresholds}, [out])
+    return out
