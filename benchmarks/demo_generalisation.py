@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from mhd_uad.errors import MhdUadError
-from mhd_uad.evaluation.report import markdown_body, replace_readme_block
+from mhd_uad.evaluation.report import readme_block_from
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRASTS = ("t1", "t2")
@@ -358,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_benchmark(args.seed, args.out_dir, args.work, args.checkpoint_dir, args.override)
         if args.readme is not None:
-            body = markdown_body(args.out_dir / "demo_generalisation.md")
-            replace_readme_block(args.readme, README_START, README_END, body)
+            readme_block_from(args.readme, args.out_dir / "demo_generalisation.md", README_START, README_END)
     except MhdUadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

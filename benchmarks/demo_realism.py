@@ -45,8 +45,10 @@ from mhd_uad.data.demo.realism import (
     measure_noise_and_bias,
     tissue_ratios_measured,
 )
+from mhd_uad.data.geometry import voxel_spacing
+from mhd_uad.data.preprocess import to_canonical
 from mhd_uad.errors import MhdUadError
-from mhd_uad.evaluation.report import markdown_body, replace_readme_block
+from mhd_uad.evaluation.report import readme_block_from
 from mhd_uad.io import atomic_write_text
 
 VOXEL_MM = 2.0
@@ -87,14 +89,11 @@ class Reference:
 
 
 def _ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    import nibabel as nib
-
-    ornt = nib.orientations.io_orientation(affine)
-    return np.ascontiguousarray(nib.orientations.apply_orientation(array, ornt))
+    return to_canonical(array, affine)[0]
 
 
 def _voxel_mm(affine: np.ndarray) -> float:
-    return float(np.mean(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
+    return float(np.mean(voxel_spacing(affine)))
 
 
 def _base_reference(name: str, label: str) -> tuple[Reference, dict[str, np.ndarray], np.ndarray]:
@@ -464,8 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(run(args.out_dir, args.seed, args.n), end="")
         if args.readme is not None:
-            body = markdown_body(args.out_dir / "demo_realism.md")
-            replace_readme_block(args.readme, README_START, README_END, body)
+            readme_block_from(args.readme, args.out_dir / "demo_realism.md", README_START, README_END)
     except MhdUadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -203,13 +203,17 @@ def update_readme(readme: str | Path, summary_md: str | Path) -> bool:
     summary_md = Path(summary_md)
     if not summary_md.is_file():
         raise InputFileError("summary not found (run the report stage)", summary_md)
-    body = summary_md.read_text(encoding="utf-8").split("\n", 2)[2].strip()
-    return replace_readme_block(readme, README_START, README_END, body)
+    return readme_block_from(readme, summary_md, README_START, README_END)
 
 
 def markdown_body(path: str | Path) -> str:
     """A written report's markdown without its first-line title (what the README shows)."""
     return Path(path).read_text(encoding="utf-8").split("\n", 2)[2].strip()
+
+
+def readme_block_from(readme: str | Path, report_md: str | Path, start: str, end: str) -> bool:
+    """Put a written report (without its title) between the README's `start` and `end` markers."""
+    return replace_readme_block(readme, start, end, markdown_body(report_md))
 
 
 def replace_readme_block(readme: str | Path, start: str, end: str, body: str) -> bool:

@@ -16,6 +16,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from mhd_uad.data.demo.warps import warp_volumes
+from mhd_uad.data.geometry import voxel_spacing
+from mhd_uad.data.preprocess import to_canonical
 from mhd_uad.errors import InputFileError, MhdUadError
 from mhd_uad.io import load_nifti
 
@@ -58,16 +60,6 @@ class BaseAnatomy:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.channels.shape[1:])  # type: ignore[return-value]
-
-
-def _to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder axes so that the array is (R, A, S); the loader and the diag affine both assume it."""
-    import nibabel as nib
-
-    ornt = nib.orientations.io_orientation(affine)
-    out = nib.orientations.apply_orientation(data, ornt)
-    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
-    return np.ascontiguousarray(out), new_affine
 
 
 def _tissue_paths(base_tissues) -> dict[str, Path]:
@@ -171,9 +163,9 @@ def load_base_anatomy(
             f"the {name} base",
         )
     for k in list(arrays):
-        arrays[k], ras_affine = _to_ras(arrays[k], affine)
+        arrays[k], ras_affine = to_canonical(arrays[k], affine)
     affine = ras_affine
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = voxel_spacing(affine)
     mask1 = arrays["mask"] > 0.5
     scale = (TARGET_BRAIN_LITRES * 1e6 / (mask1.sum() * np.prod(spacing))) ** (1.0 / 3.0)
     idx = np.argwhere(mask1)
