@@ -150,6 +150,12 @@ def _lightning_state(best_path: Path, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
+def _checkpoint_facts(summary: dict) -> dict:
+    """What a checkpoint records of its fit: not the MLflow run id, which differs on every run (the run
+    records the checkpoint instead), so the same commit, data and seed give the same checkpoint bytes."""
+    return {k: v for k, v in summary.items() if k != "mlflow_run_id"}
+
+
 def _seed(params, offset: int) -> None:
     pl.seed_everything(int(params.seed) + offset, workers=True, verbose=False)
 
@@ -190,7 +196,7 @@ def run_pretrain(params, modality: str, root: str | Path = ".", callbacks=()) ->
                         callbacks=callbacks)
     state = _lightning_state(best, "pretrainer.encoder.")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the FC head is not transferred
-    save_checkpoint(out, ENCODER_FORMAT, {**meta, **summary}, state)
+    save_checkpoint(out, ENCODER_FORMAT, {**meta, **_checkpoint_facts(summary)}, state)
     finish(stage, root, summary["mlflow_run_id"], out)
     return out
 
@@ -204,8 +210,8 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".", callback
     if fold not in [int(f) for f in params.train.folds] or fold >= int(params.splits.num_folds):
         raise ConfigError(f"fold {fold} is not among train.folds {list(params.train.folds)} "
                           f"(splits.num_folds = {params.splits.num_folds})", "params.yaml")
+    _seed(params, 1 + fold)  # before the encoder is built: its fresh FC head draws from the seeded RNG
     encoder = load_encoder_for(params, modality, root)
-    _seed(params, 1 + fold)
     t = params.train
     max_steps = int(t.max_steps)
     module = CDDPMModule(build_cddpm(params, encoder=encoder), optimizer=str(t.optimizer), lr=float(t.lr),
@@ -220,7 +226,7 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".", callback
                         depends_on=[modality, fold, hashlib.sha256(encoder_file.read_bytes()).hexdigest()],
                         callbacks=callbacks)
     out = cddpm_path(root, modality, fold)
-    meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **summary}
+    meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **_checkpoint_facts(summary)}
     save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, module.exported_prefix))
     finish(stage, root, summary["mlflow_run_id"], out)
     return out

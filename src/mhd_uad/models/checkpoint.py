@@ -11,12 +11,13 @@ modality or shape is refused with the file named, before any work starts.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
 from mhd_uad.errors import ConfigError, InputFileError
-from mhd_uad.io import atomic_path
+from mhd_uad.io import atomic_write_bytes
 
 CDDPM_FORMAT = "mhd-uad/cddpm"
 ENCODER_FORMAT = "mhd-uad/encoder"
@@ -34,8 +35,9 @@ def cddpm_path(root: str | Path, modality: str, fold: int) -> Path:
 def save_checkpoint(path: str | Path, fmt: str, meta: dict, state_dict: dict | None) -> Path:
     payload = {"format": fmt, "version": CHECKPOINT_VERSION, "meta": meta,
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in (state_dict or {}).items()}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    buffer = io.BytesIO()  # torch.save names the zip's records after the file: a temp name would leak into them
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
 
