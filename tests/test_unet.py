@@ -25,13 +25,14 @@ PAPER = dict(
     use_scale_shift_norm=True,
     resblock_updown=True,
 )
-DEMO = dict(
+DEMO = dict(  # conf/profile/demo.yaml
     image_size=64,
-    model_channels=32,
-    channel_mult=(1, 2, 2, 2),
+    model_channels=24,
+    channel_mult=(1, 2, 3, 4),
     num_res_blocks=1,
     attention_resolutions=(8,),
-    num_head_channels=32,
+    num_head_channels=24,
+    groupnorm_groups=8,
     cond_dim=128,
 )
 TINY = dict(
@@ -115,7 +116,7 @@ def test_demo_configs_shape_and_level_attention(overrides, n_attention):
 
 def test_demo_parameter_count_is_demo_sized():
     n = count_parameters(UNet(**DEMO))
-    assert 1.5e6 < n < 3.0e6, n  # demo-profile.md: ~2.25 M UNet + 0.32 M encoder in the prototype
+    assert 1.5e6 < n < 3.0e6, n  # demo-profile.md: 2.57 M UNet + 0.32 M encoder in the prototype
 
 
 def test_multi_channel_in_out_and_non_square_input():
@@ -230,10 +231,10 @@ def test_timestep_embedding_cos_then_sin():
     [
         (dict(image_size=90), "image_size"),  # 90 not divisible by 2**3
         (dict(image_size=0), "image_size"),
-        (dict(model_channels=24), "groupnorm_groups"),  # 24 channels, 32 groups
+        (dict(groupnorm_groups=32), "groupnorm_groups"),  # 24 channels, 32 groups
         (dict(groupnorm_groups=0), "groupnorm_groups"),
-        (dict(num_head_channels=48), "num_head_channels"),  # middle block has 64 channels
-        (dict(num_head_channels=24, groupnorm_groups=8, attention_resolutions=(1,)), "num_head_channels"),
+        (dict(num_head_channels=64), "num_head_channels"),  # middle block has 96 channels
+        (dict(num_head_channels=48, attention_resolutions=(1,)), "num_head_channels"),  # 24 channels at ds 1
         (dict(channel_mult=()), "channel_mult"),
         (dict(channel_mult=(1, 0)), "channel_mult"),
         (dict(num_res_blocks=0), "num_res_blocks"),

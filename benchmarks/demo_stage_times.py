@@ -1,0 +1,139 @@
+"""Where `make demo`'s minutes go: the whole demo, stage by stage, each timed on the wall clock.
+
+Runs what `make demo` runs, in the repository it is started in, one step at a time: the demo data
+(`mhd-uad demo-data`, only when `data/` is absent or with --regenerate), then every DVC stage in
+dvc.yaml's order with `dvc repro --single-item --force <stage>` (so an up-to-date stage is timed too, and
+dvc.lock is current afterwards), then `mhd-uad report --readme README.md`. It prints one table, grouped
+as data, splits + prepare, pretrain, train, score-healthy, evaluate, report, and writes
+reports/demo_stage_times.{json,md}:
+
+    python benchmarks/demo_stage_times.py                      # about as long as `make demo`
+    python benchmarks/demo_stage_times.py --readme README.md   # also fill the README's timing block
+
+The sum of the rows is `make demo` end to end, DVC's own bookkeeping included (hashing, dvc.lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mhd_uad.evaluation.report import readme_block_from
+from mhd_uad.io import atomic_write_text
+
+README_START = ("<!-- demo-stage-times:start (written by `benchmarks/demo_stage_times.py --readme README.md`; "
+                "do not edit) -->")
+README_END = "<!-- demo-stage-times:end -->"
+GROUPS = ("data", "splits + prepare", "pretrain", "train", "score-healthy", "evaluate", "report")
+
+
+def group_of(step: str) -> str:
+    """The table row a step is counted in: `train@t1-fold0` -> train."""
+    stage = step.split("@", 1)[0]
+    return {"splits": "splits + prepare", "prepare": "splits + prepare", "demo-data": "data",
+            "dvc commit data": "data", "report --readme": "report"}.get(stage, stage)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _run(cmd: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
+        raise SystemExit(f"demo_stage_times: `{' '.join(cmd)}` failed with exit code {done.returncode}")
+    return seconds
+
+
+def stage_names(root: Path, dvc: list[str]) -> list[str]:
+    """Every stage of dvc.yaml, foreach/matrix expanded, in the file's order (each depends on earlier ones)."""
+    out = subprocess.run([*dvc, "stage", "list", "--name-only"], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"demo_stage_times: `dvc stage list` failed: {out.stderr.strip()[-500:]}")
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def measure(root: Path, regenerate: bool) -> list[dict]:
+    bindir = Path(sys.executable).parent
+    mhd = [str(bindir / "mhd-uad")] if (bindir / "mhd-uad").exists() else [sys.executable, "-m", "mhd_uad.cli"]
+    dvc = [sys.executable, "-m", "dvc"]
+    steps: list[dict] = []
+
+    def timed(name: str, cmd: list[str]) -> None:
+        seconds = _run(cmd, root)
+        steps.append({"step": name, "group": group_of(name), "seconds": round(seconds, 1)})
+        print(f"{name:28s} {seconds:7.1f} s", flush=True)
+
+    if regenerate and (root / "data").exists():
+        shutil.rmtree(root / "data")
+    if not (root / "data").exists():
+        timed("demo-data", [*mhd, "demo-data", "--out", "data", "--seed", "0", "--quiet"])
+        timed("dvc commit data", [*dvc, "commit", "-q", "-f", "data.dvc"])
+    for stage in stage_names(root, dvc):
+        timed(stage, [*dvc, "repro", "--single-item", "--force", stage])
+    timed("report --readme", [*mhd, "report", "--readme", "README.md"])
+    return steps
+
+
+def summarise(steps: list[dict]) -> dict:
+    totals = {g: round(sum(s["seconds"] for s in steps if s["group"] == g), 1) for g in GROUPS}
+    return {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+            "steps": steps, "groups": totals, "total_seconds": round(sum(s["seconds"] for s in steps), 1)}
+
+
+def markdown(report: dict) -> str:
+    total = report["total_seconds"]
+    m = report["machine"]
+    lines = ["# Demo stage times", "",
+             f"`make demo`, stage by stage (`python benchmarks/demo_stage_times.py`), on {m['cpu']} "
+             f"({m['cores']} cores):", "",
+             "| step | seconds | share |", "|---|---|---|"]
+    for group in GROUPS:
+        seconds = report["groups"][group]
+        lines.append(f"| {group} | {seconds:.0f} | {100 * seconds / total:.0f} % |")
+    lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | |")
+    lines += ["", "<details><summary>Every stage</summary>", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| `{s['step']}` | {s['seconds']:.1f} |" for s in report["steps"]]
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="the repository to run the demo in")
+    parser.add_argument("--regenerate", action="store_true", help="delete data/ and time its generation too")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: <root>/reports")
+    parser.add_argument("--readme", type=Path, default=None, help="also put the table into this README's block")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise SystemExit(f"demo_stage_times: {root} has no dvc.yaml: run it in the repository")
+    report = summarise(measure(root, args.regenerate))
+    out_dir = args.out_dir or root / "reports"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "demo_stage_times.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out_dir / "demo_stage_times.md", markdown(report))
+    print(markdown(report))
+    if args.readme:
+        readme_block_from(args.readme, out_dir / "demo_stage_times.md", README_START, README_END)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
