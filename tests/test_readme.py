@@ -24,7 +24,7 @@ def test_readme_demo_realism_and_generalisation_blocks_are_the_benchmarks_report
     from mhd_uad.evaluation.report import markdown_body
 
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    for name in ("demo-realism", "demo-generalisation", "demo-stage-times"):
+    for name in ("demo-realism", "demo-generalisation", "demo-stage-times", "demo-seed-spread"):
         start = next(line for line in text.splitlines() if line.startswith(f"<!-- {name}:start"))
         report = REPO / "reports" / f"{name.replace('-', '_')}.md"
         assert report.is_file(), f"{report.name} missing: run benchmarks/{name.replace('-', '_')}.py"
