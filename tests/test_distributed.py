@@ -1,5 +1,6 @@
 """Many processes on the CPU: DDP training on 2 processes (gloo) writes what one process writes, resumes
-after an interruption and logs the val loss averaged over the ranks."""
+after an interruption and logs the val loss averaged over the ranks; evaluation under torchrun with 2
+processes writes exactly what one process writes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, SHRUNK, copy_project
@@ -104,3 +106,42 @@ def test_ddp_on_two_cpu_processes_resumes_and_writes_what_one_process_writes(tin
     assert sorted(db.execute("select name, status from runs").fetchall()) == [
         ("pretrain@t2", "FINISHED"), ("train@t2-fold0", "FINISHED")]
 
+
+EVAL = ["evaluate.scorers=[mhd,single,nocov,l1_mean_postproc]"]  # a component-filtered scorer among them
+OUTPUTS = ["metrics/MSLUB.json", "metrics/MSLUB_per_volume.csv", "artifacts/healthy/t2/fold0/thresholds.json",
+           "reports/gallery/MSLUB.png"]
+
+
+def test_evaluation_under_torchrun_with_two_processes_writes_what_one_process_writes(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    from conftest import shrunk_params
+    from mhd_uad.evaluation import evaluate, healthy
+
+    one = copy_project(tiny_model.root, tmp_path / "one")
+    assert _add_last_scan(one, "IXI_train_fold0.csv", "IXI_val_fold0.csv") == 2  # healthy scans
+    assert _add_last_scan(one, "MSLUB_test.csv", "MSLUB_val.csv", move=False) == 2  # 2 val and 2 test scans
+    two = copy_project(one, tmp_path / "two")
+    monkeypatch.chdir(one)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{one / 'mlflow.db'}")
+    params = shrunk_params(*EVAL)
+    healthy.run_score_healthy(params, "t2", 0, one)
+    evaluate.run_evaluate(params, "MSLUB", one)
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "mhd_uad.cli"]
+    for command in (["score-healthy", "--modality", "t2", "--fold", "0"], ["evaluate", "--dataset", "MSLUB"]):
+        done = _run([*launch, *command, *SHRUNK, *EVAL], two)
+        assert done.returncode == 0, done.stderr[-4000:]
+    for name in OUTPUTS:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    for folder in ("plots/MSLUB", "artifacts/maps/MSLUB"):
+        files = sorted(p.name for p in (one / folder).iterdir())
+        assert files and files == sorted(p.name for p in (two / folder).iterdir())
+        for name in files:
+            assert (two / folder / name).read_bytes() == (one / folder / name).read_bytes(), name
+    rows = _csv(two / "metrics" / "MSLUB_per_volume.csv")
+    assert len(rows) == 2 and all(np.isfinite(float(r["mhd_auprc"])) for r in rows)
+    assert not any((two / "artifacts" / "eval" / "MSLUB").iterdir())  # every rank's scratch files removed
+    assert not (two / "artifacts" / "eval" / "IXI_t2-fold0").exists()
+    db = sqlite3.connect(two / "mlflow.db")  # rank 0 alone logged
+    assert sorted(db.execute("select name from runs").fetchall()) == [("evaluate@MSLUB",), ("score-healthy@t2-0",)]
