@@ -1,5 +1,6 @@
-"""Device choice without a GPU: which rank writes, and the free-device locks that keep queued experiments on
-different GPUs (the device count is faked; other mhd-uad processes are real subprocesses)."""
+"""Device choice without a GPU: which rank writes, the free-device locks that keep queued experiments on
+different GPUs (the device count is faked; other mhd-uad processes are real subprocesses), and each rank's
+share of the scans under torchrun."""
 
 from __future__ import annotations
 
@@ -99,3 +100,28 @@ def test_the_main_process_is_rank_zero_of_whichever_launcher_started_it(clean_en
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert is_main_process() is main
+
+
+def test_each_of_k_ranks_scores_every_kth_scan_and_finds_its_slot():
+    from mhd_uad.evaluation.sharding import Shard
+
+    scans = [f"scan{i}" for i in range(7)]
+    shares = [Shard(rank, 3).mine(scans) for rank in range(3)]
+    assert shares[1] == [(1, "scan1"), (4, "scan4")]
+    assert sorted(i for share in shares for i, _ in share) == list(range(7))  # each scan once
+    for rank, share in enumerate(shares):
+        assert [Shard(rank, 3).slot(i) for i, _ in share] == list(range(len(share)))
+        assert {Shard(0, 3).owner(i) for i, _ in share} == {rank}
+    assert Shard().mine(scans) == list(enumerate(scans))
+
+
+def test_more_processes_than_cuda_devices_is_a_clear_error(monkeypatch):
+    import torch
+
+    from mhd_uad.errors import MhdUadError
+    from mhd_uad.evaluation.sharding import Shard
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(MhdUadError, match="local rank 2, but this machine shows 2 CUDA devices"):
+        Shard(2, 4, local_rank=2).device(torch.device("cuda"))
+    assert Shard(3, 4, local_rank=3).device(torch.device("cpu")) == torch.device("cpu")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mhd_uad.devices import launch_world_size
+from mhd_uad.errors import MhdUadError
 from mhd_uad.io import atomic_path, replace_dir
 
 GROUP_TIMEOUT = timedelta(hours=6)  # ranks wait for each other's share of a fold, and for rank 0's merge
@@ -54,6 +55,10 @@ class Shard:
     def device(self, device: torch.device) -> torch.device:
         """One device per rank: cuda:<LOCAL_RANK> when scoring on CUDA under torchrun."""
         if device.type == "cuda" and self.world > 1:
+            if self.local_rank >= torch.cuda.device_count():
+                raise MhdUadError(f"torchrun started local rank {self.local_rank}, but this machine shows "
+                                  f"{torch.cuda.device_count()} CUDA devices: start one process per device "
+                                  "(--nproc_per_node)")
             torch.cuda.set_device(self.local_rank)
             return torch.device("cuda", self.local_rank)
         return device
