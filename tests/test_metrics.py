@@ -235,3 +235,24 @@ def test_pooled_hand_case_and_undefined_cases():
     assert math.isnan(background.auprc()) and math.isnan(background.auroc())
     with pytest.raises(MhdUadError, match="NaN"):
         counts.add(np.array([np.nan]), np.array([1]))
+
+
+@pytest.mark.parametrize("merge_every", [1, 1 << 22])
+def test_pools_of_several_processes_merge_into_exactly_the_one_pool(merge_every):
+    rng = np.random.default_rng(11)
+    volumes = []
+    for shape in [(3, 6, 7), (2, 9, 5), (4, 4, 4), (1, 5, 5), (2, 3, 3)]:
+        seg = rng.random(shape) < 0.2
+        volumes.append((np.round(rng.random(shape) + 0.3 * seg, 2).astype(np.float32), seg))  # ties across volumes
+    one = ScoreCounts(merge_every=merge_every)
+    ranks = [ScoreCounts(merge_every=merge_every) for _ in range(2)]
+    for i, (s, seg) in enumerate(volumes):
+        one.add(s, seg)
+        ranks[i % 2].add(s, seg)  # rank r pools volumes r, r + 2, ...
+    merged = ScoreCounts(merge_every=merge_every)
+    for rank in reversed(ranks):  # in any order
+        merged.add_counts(*rank.counts())
+    for a, b in zip(one.counts(), merged.counts(), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert merged.auprc() == one.auprc() and merged.auroc() == one.auroc()  # bit for bit
+    assert ranks[0].auprc() != one.auprc()

@@ -39,6 +39,13 @@ def _data_checks():
     return SplitSettings.from_params, PrepareSettings.from_params
 
 
+def _free_device(params, devices) -> None:
+    """A stage on one device takes a GPU no other mhd-uad process holds (queued DVC experiments side by side)."""
+    from mhd_uad.devices import pin_free_device
+
+    pin_free_device(params, devices)
+
+
 def cmd_demo_data(args) -> None:
     from mhd_uad.data.demo import generate_demo_dataset
     from mhd_uad.io import replace_dir
@@ -80,7 +87,9 @@ def cmd_pretrain(args) -> None:
     from mhd_uad.models.factory import validate_model_params
     from mhd_uad.training import run_pretrain
 
-    out = run_pretrain(_params(args, *_data_checks(), validate_model_params), args.modality)
+    params = _params(args, *_data_checks(), validate_model_params)
+    _free_device(params, params.trainer.devices)
+    out = run_pretrain(params, args.modality)
     log.info("encoder written to %s", out)
 
 
@@ -88,7 +97,9 @@ def cmd_train(args) -> None:
     from mhd_uad.models.factory import validate_model_params
     from mhd_uad.training import run_train
 
-    out = run_train(_params(args, *_data_checks(), validate_model_params), args.modality, args.fold)
+    params = _params(args, *_data_checks(), validate_model_params)
+    _free_device(params, params.trainer.devices)
+    out = run_train(params, args.modality, args.fold)
     log.info("cDDPM checkpoint written to %s", out)
 
 
@@ -97,7 +108,9 @@ def cmd_evaluate(args) -> None:
     from mhd_uad.models.factory import validate_model_params
     from mhd_uad.models.inference import MhdSettings
 
-    out = run_evaluate(_params(args, *_data_checks(), validate_model_params, MhdSettings.from_params), args.dataset)
+    params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
+    _free_device(params, 1)  # one device per process (under torchrun: cuda:<LOCAL_RANK>)
+    out = run_evaluate(params, args.dataset)
     log.info("metrics written to %s", out)
 
 
@@ -107,6 +120,7 @@ def cmd_score_healthy(args) -> None:
     from mhd_uad.models.inference import MhdSettings
 
     params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
+    _free_device(params, 1)
     out = run_score_healthy(params, args.modality, args.fold)
     log.info("healthy-scan FPR thresholds written to %s", out)
 
@@ -333,7 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    from mhd_uad.devices import is_main_process
+
+    quiet = not is_main_process()  # the other ranks of a distributed run: warnings and errors only
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

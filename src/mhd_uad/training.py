@@ -9,6 +9,12 @@ id, and a fingerprint of everything the fit depends on). A re-run with the same 
 from `last.ckpt`; a different fingerprint starts over. On success the best checkpoint (lowest val loss,
 as the original) is written as a lean file of tensors and plain metadata that loads with
 `torch.load(weights_only=True)`, and the resume state is removed.
+
+Under DDP (`trainer.devices=2 trainer.strategy=ddp`, torchrun, srun) every process runs the stage; only rank 0
+touches the resume state, the MLflow run, the curves and the outputs, so the files are those of a
+single-process fit. Lightning shards the volumes across ranks (DistributedSampler), the losses are averaged
+over ranks before they are logged and before the best checkpoint is chosen, and an interrupted DDP fit
+resumes from the same `last.ckpt`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 
 from mhd_uad.config import to_plain
+from mhd_uad.devices import is_main_process
 from mhd_uad.errors import ConfigError
 from mhd_uad.io import atomic_write_text
 from mhd_uad.models.checkpoint import (
@@ -48,9 +55,9 @@ class LossCurves(pl.Callback):
 
     def __init__(self, folder: Path):
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
 
     def _append(self, name: str, step: int, value: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{name}.csv"
         new = not path.exists()
         with path.open("a", newline="") as fh:
@@ -60,15 +67,24 @@ class LossCurves(pl.Callback):
             writer.writerow([step, f"{value:.6g}"])
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if trainer.is_global_zero and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             value = trainer.callback_metrics.get("train/loss")
             if value is not None:
                 self._append("train", trainer.global_step, float(value))
 
     def on_validation_epoch_end(self, trainer, module):
         value = trainer.callback_metrics.get("val/loss")
-        if value is not None and not trainer.sanity_checking:
+        if value is not None and not trainer.sanity_checking and trainer.is_global_zero:
             self._append("val", trainer.global_step, float(value))
+
+
+class RankStreams(pl.Callback):
+    """Under DDP every rank starts from the same seed: give each rank its own torch stream, so the ranks'
+    augmentations, slices, timesteps and noise differ (the sampler already gives them different volumes)."""
+
+    def setup(self, trainer, module, stage):
+        if trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * (trainer.global_rank + 1))
 
 
 def _trainer_kwargs(params, max_steps: int, max_epochs: int) -> dict:
@@ -85,35 +101,38 @@ def _trainer_kwargs(params, max_steps: int, max_epochs: int) -> dict:
 
 
 def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, max_steps: int,
-        max_epochs: int, depends_on: list, callbacks=()) -> tuple[Path, dict]:
-    """Fit with resume; returns the best Lightning checkpoint path and a summary of the fit."""
+        max_epochs: int, depends_on: list, callbacks=()) -> tuple[Path, dict] | None:
+    """Fit with resume; returns the best Lightning checkpoint path and a summary of the fit (None on the
+    ranks other than 0 of a distributed fit: rank 0 alone writes)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from mhd_uad.tracking import lightning_logger
 
+    main = is_main_process()  # under torchrun all ranks start at once: only rank 0 changes the resume state
     resume = root / "artifacts" / "resume" / stage.replace("@", "_")
     key = fingerprint(to_plain(params), depends_on)
     state_file = resume / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if state.get("fingerprint") != key:
-        if resume.exists():
-            log.info("%s: params or inputs changed since the interrupted run: starting over", stage)
-        shutil.rmtree(resume, ignore_errors=True)
-        state = {"fingerprint": key}
-    resume.mkdir(parents=True, exist_ok=True)
     last = resume / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if last.is_file() else None
+    ckpt_path = str(last) if state.get("fingerprint") == key and last.is_file() else None
+    if state.get("fingerprint") != key:
+        if resume.exists() and main:
+            log.info("%s: params or inputs changed since the interrupted run: starting over", stage)
+            shutil.rmtree(resume, ignore_errors=True)
+        state = {"fingerprint": key}
     if ckpt_path:
         log.info("%s: resuming from %s", stage, last)
-
-    logger = lightning_logger(stage, to_plain(params), run_id=state.get("mlflow_run_id"))
-    state["mlflow_run_id"] = logger.run_id
-    atomic_write_text(state_file, json.dumps(state))
-
+    logger = False
+    if main:
+        resume.mkdir(parents=True, exist_ok=True)
+        logger = lightning_logger(stage, to_plain(params), run_id=state.get("mlflow_run_id"))
+        state["mlflow_run_id"] = logger.run_id
+        atomic_write_text(state_file, json.dumps(state))
     best = ModelCheckpoint(dirpath=resume / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            save_last=True, enable_version_counter=False)
-    trainer = pl.Trainer(logger=logger, callbacks=[best, LossCurves(resume / "curves"), *callbacks],
-                         default_root_dir=str(resume), **_trainer_kwargs(params, max_steps, max_epochs))
+    trainer = pl.Trainer(logger=logger, default_root_dir=str(resume),
+                         callbacks=[best, LossCurves(resume / "curves"), RankStreams(), *callbacks],
+                         **_trainer_kwargs(params, max_steps, max_epochs))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SystemExit:  # Lightning turns Ctrl-C into SystemExit after its graceful shutdown
@@ -122,6 +141,8 @@ def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, 
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
+    if not trainer.is_global_zero:
+        return None
     best_path = Path(best.best_model_path) if best.best_model_path else last
     if not best_path.is_file():
         raise ConfigError(f"{stage}: no checkpoint was written (no validation ran: check max_steps/max_epochs "
@@ -143,6 +164,13 @@ def finish(stage: str, root: Path, logger_run_id: str, out: Path) -> None:
 
     record_checkpoint(logger_run_id, out)
     shutil.rmtree(root / "artifacts" / "resume" / stage.replace("@", "_"), ignore_errors=True)
+
+
+def _after_rank_zero_wrote() -> None:
+    """Under DDP, every rank returns only once rank 0 has written the stage's outputs (a next stage in the
+    same processes reads them)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _lightning_state(best_path: Path, prefix: str) -> dict:
@@ -185,19 +213,21 @@ def run_pretrain(params, modality: str, root: str | Path = ".", callbacks=()) ->
     out = encoder_path(root, modality)
     meta = {"modality": modality, "spec": encoder_spec(params), "pretrained": bool(params.pretrain.enabled)}
     if not params.pretrain.enabled:
-        return save_checkpoint(out, ENCODER_FORMAT, meta, None)
+        return save_checkpoint(out, ENCODER_FORMAT, meta, None) if is_main_process() else out
     _seed(params, 0)
     p = params.pretrain
     module = SparKModule(build_spark(params), lr=float(p.lr), weight_decay=float(p.weight_decay), betas=list(p.betas))
     stage = f"pretrain@{modality}"
-    best, summary = fit(stage, module, _datamodule(params, modality, 0, int(p.batch_size), augment=False), params,
-                        root=root, plots_dir=root / "plots" / "pretrain" / modality,
-                        max_steps=int(p.max_steps), max_epochs=int(p.max_epochs), depends_on=[modality],
-                        callbacks=callbacks)
-    state = _lightning_state(best, "pretrainer.encoder.")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the FC head is not transferred
-    save_checkpoint(out, ENCODER_FORMAT, {**meta, **_checkpoint_facts(summary)}, state)
-    finish(stage, root, summary["mlflow_run_id"], out)
+    fitted = fit(stage, module, _datamodule(params, modality, 0, int(p.batch_size), augment=False), params,
+                 root=root, plots_dir=root / "plots" / "pretrain" / modality,
+                 max_steps=int(p.max_steps), max_epochs=int(p.max_epochs), depends_on=[modality], callbacks=callbacks)
+    if fitted is not None:  # rank 0 (or the only process)
+        best, summary = fitted
+        state = _lightning_state(best, "pretrainer.encoder.")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the FC head is not transferred
+        save_checkpoint(out, ENCODER_FORMAT, {**meta, **_checkpoint_facts(summary)}, state)
+        finish(stage, root, summary["mlflow_run_id"], out)
+    _after_rank_zero_wrote()
     return out
 
 
@@ -220,13 +250,16 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".", callback
                          ema_decay=float(t.ema_decay))
     stage = f"train@{modality}-fold{fold}"
     encoder_file = encoder_path(root, modality)
-    best, summary = fit(stage, module, _datamodule(params, modality, fold, int(t.batch_size), augment=True),
-                        params, root=root, plots_dir=root / "plots" / "train" / f"{modality}-fold{fold}",
-                        max_steps=max_steps, max_epochs=int(t.max_epochs),
-                        depends_on=[modality, fold, hashlib.sha256(encoder_file.read_bytes()).hexdigest()],
-                        callbacks=callbacks)
+    fitted = fit(stage, module, _datamodule(params, modality, fold, int(t.batch_size), augment=True),
+                 params, root=root, plots_dir=root / "plots" / "train" / f"{modality}-fold{fold}",
+                 max_steps=max_steps, max_epochs=int(t.max_epochs),
+                 depends_on=[modality, fold, hashlib.sha256(encoder_file.read_bytes()).hexdigest()],
+                 callbacks=callbacks)
     out = cddpm_path(root, modality, fold)
-    meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **_checkpoint_facts(summary)}
-    save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, module.exported_prefix))
-    finish(stage, root, summary["mlflow_run_id"], out)
+    if fitted is not None:  # rank 0 (or the only process)
+        best, summary = fitted
+        meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **_checkpoint_facts(summary)}
+        save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, module.exported_prefix))
+        finish(stage, root, summary["mlflow_run_id"], out)
+    _after_rank_zero_wrote()
     return out

@@ -9,6 +9,10 @@ Here the number of slices drawn per volume is a parameter (`data.slices_per_volu
 volume is reused for all of them, which is what makes several slices per volume cheap. Val items are
 seeded by their index (the original draws them at random), so the validation loss compares epochs on the
 same slices and noise.
+
+Under DDP Lightning shards both loaders across the ranks (its DistributedSampler; the val shards padded to
+equal length by repeating items, whose seeded slices and noise repeat with them); each rank needs at least
+one full training batch of its own.
 """
 
 from __future__ import annotations
@@ -144,9 +148,10 @@ class IXISliceDataModule(pl.LightningDataModule):
         self.train_set = VolumeSliceDataset(self.folder, self.split_positions("train"), spv, self.augment)
         self.val_set = VolumeSliceDataset(self.folder, self.split_positions("val"), spv, self.augment,
                                           seeded=True, seed=self.seed)
-        require(len(self.train_set) * spv >= self.batch_size,
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        require(-(-len(self.train_set) // ranks) * spv >= self.batch_size,  # a shard holds ceil(n / ranks)
                 f"fold {self.fold} has {len(self.train_set)} training volumes: too few for a batch of "
-                f"{self.batch_size} slices")
+                f"{self.batch_size} slices" + (f" on each of {ranks} processes" if ranks > 1 else ""))
 
     def _loader(self, dataset: VolumeSliceDataset, train: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size // self.slices_per_volume, shuffle=train,

@@ -26,6 +26,11 @@ Named steps, in order:
 
 Lesion = segmentation label > 0 (the original), except labels listed in `datasets.<set>.ignore_labels`,
 whose voxels count neither as lesion nor as background (as the WMH challenge evaluates label 2).
+
+Under `torchrun --nproc_per_node K` the scans are shared out (evaluation.sharding): rank r scores the val and
+test scans r, r + K, ... of each fold; rank 0 searches the thresholds on the pooled val voxels of all ranks
+(read back from the work folder) and sends them round, gathers the test results back into the list's order,
+and writes the outputs; each rank writes its own scans' NIfTI maps. The outputs equal a single process's.
 """
 
 from __future__ import annotations
@@ -56,8 +61,9 @@ from mhd_uad.evaluation.metrics import (
     per_volume_auprc,
     per_volume_auroc,
 )
+from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shared_folder, unstash
 from mhd_uad.evaluation.significance import paired_comparison
-from mhd_uad.io import atomic_path, atomic_write_text, replace_dir, save_nifti
+from mhd_uad.io import atomic_path, atomic_write_text, save_nifti
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
 from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
 from mhd_uad.scoring.anomaly_maps import CONNECTED_COMPONENT_SCORERS, connected_component_filter
@@ -65,6 +71,8 @@ from mhd_uad.scoring.diagnostics import map_correlation
 from mhd_uad.tracking import log_evaluation
 
 log = logging.getLogger(__name__)
+
+LABELS = "lesion"  # the key of the val scans' counted labels beside their scorers' maps
 
 
 @dataclass
@@ -130,41 +138,66 @@ class ScorerFold:
 
 
 class MapStore:
-    """Memory-mapped per-test-scan volumes the stage fills as it goes: the fold-mean mhd map, and the first
-    fold's mhd map and mean reconstruction (for the gallery). Removed when the stage is done."""
+    """Memory-mapped per-test-scan volumes the stage fills as it goes, for this rank's test scans: the fold-mean
+    mhd map, and the first fold's mhd map and mean reconstruction (for the gallery). Removed by rank 0 when
+    the stage is done."""
 
     NAMES = ("mhd_fold_mean", "first_fold_mhd", "first_fold_reconstruction")
 
-    def __init__(self, folder: Path, n_scans: int, volume_shape: tuple[int, ...]):
-        self.files = [folder / f"{name}.npy" for name in self.NAMES]
+    def __init__(self, folder: Path, shard: Shard, n_scans: int, volume_shape: tuple[int, ...]):
+        self.folder, self.shard = folder, shard
+        mine = len(shard.mine(range(n_scans)))
         self.fold_mean, self.first_mhd, self.first_reco = (
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_scans, *volume_shape))
-            for path in self.files)
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(mine, *volume_shape))
+            for path in self.files(shard.rank))
+
+    def files(self, rank: int) -> list[Path]:
+        return [self.folder / f"rank{rank}_{name}.npy" for name in self.NAMES]
+
+    def first_fold(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mhd map, mean reconstruction) of test scan `index` on the first fold, from the rank that scored it."""
+        owner, slot = self.shard.owner(index), self.shard.slot(index)
+        if owner == self.shard.rank:
+            return np.asarray(self.first_mhd[slot]), np.asarray(self.first_reco[slot])
+        mhd, reco = (np.load(path, mmap_mode="r") for path in self.files(owner)[1:])
+        return np.array(mhd[slot]), np.array(reco[slot])
+
+    def flush(self) -> None:
+        for array in (self.fold_mean, self.first_mhd, self.first_reco):
+            array.flush()
 
     def close(self) -> None:
+        """Release this rank's maps; rank 0 also removes every rank's files (the others are done with them)."""
+        self.flush()
         del self.fold_mean, self.first_mhd, self.first_reco
-        for path in self.files:
-            path.unlink(missing_ok=True)
+        if self.shard.main:
+            for rank in range(self.shard.world):
+                for path in self.files(rank):
+                    path.unlink(missing_ok=True)
 
 
-def val_thresholds(model, ev: EvaluationSet, settings: MhdSettings, device, steps: int, fold: int
-                   ) -> dict[str, ScorerFold]:
-    """Each scorer's Dice-optimal threshold on the pooled voxels of the val split (method.md §6)."""
-    pooled: dict[str, list[np.ndarray]] = {s: [] for s in settings.scorers}
-    labels = []
-    for pos in tqdm(ev.val_pos, desc=f"{ev.dataset} fold {fold} val", unit="scan"):
+def val_thresholds(model, ev: EvaluationSet, settings: MhdSettings, device, steps: int, fold: int,
+                   shard: Shard = SINGLE, work: Path | None = None) -> dict[str, ScorerFold]:
+    """Each scorer's Dice-optimal threshold on the pooled voxels of the val split (method.md §6); under
+    torchrun each rank scores its share of the scans, and rank 0 searches on all of them in the list's order."""
+    mine = []
+    for i, pos in tqdm(shard.mine(ev.val_pos), desc=f"{ev.dataset} fold {fold} val", unit="scan"):
         image, mask, seg = ev.volume(pos)
         lesion, valid = ev.truth(seg)
         maps, _ = score_volume(model, image, mask, settings, ev.prepared.names[pos], device)
-        for s in settings.scorers:
-            pooled[s].append(_counted(maps[s], valid).ravel())
-        labels.append(_counted(lesion, valid).ravel())
-    labels = np.concatenate(labels)
-    out = {}
-    for s in settings.scorers:
-        search = find_best_threshold(np.concatenate(pooled[s]), labels, steps=steps)
-        out[s] = ScorerFold(threshold=search.threshold, val_dice=search.dice)
-    return out
+        counted = {s: _counted(maps[s], valid).ravel() for s in settings.scorers}
+        counted[LABELS] = _counted(lesion, valid).ravel()
+        mine.append((i, shard.stash(Path(work or ".") / f"val_fold{fold}_{i:06d}.npz", counted)))
+    scans = shard.gather_in_order(mine)
+    found = None
+    if shard.main:
+        labels = np.concatenate([unstash(scan, LABELS) for scan in scans])
+        found = {}
+        for s in settings.scorers:  # one scorer's pooled voxels in memory at a time
+            search = find_best_threshold(np.concatenate([unstash(scan, s) for scan in scans]), labels, steps=steps)
+            found[s] = (search.threshold, search.dice)
+        drop(scans)
+    return {s: ScorerFold(threshold=t, val_dice=d) for s, (t, d) in shard.broadcast(found).items()}
 
 
 def _predict(scorer: str, amap: np.ndarray, threshold: float) -> np.ndarray:
@@ -187,27 +220,35 @@ def volume_conventions(r: ScorerFold, scorer: str, amap: np.ndarray, valid: np.n
 
 def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: int, results: dict[str, ScorerFold],
                  store: MapStore, n_folds: int, histograms: dict[str, ScoreHistogram] | None,
-                 threshold_steps: int = 10, diagnostics: list[dict] | None = None) -> list[dict]:
+                 threshold_steps: int = 10, diagnostics: list[dict] | None = None, work: Path | None = None
+                 ) -> list[dict]:
     """Per-volume metrics of every scorer on the test split (appended to `results`); returns the CSV rows.
 
     The mhd map adds to the fold mean; with `histograms` (the first fold) the PR histograms and the
     gallery's maps and reconstructions are kept too. The fold's pooled AUPRC/AUROC are set at the end. With
-    `diagnostics`, each volume's covariance diagnostics are appended (scoring.diagnostics)."""
-    rows = []
+    `diagnostics`, each volume's covariance diagnostics are appended (scoring.diagnostics). Under torchrun
+    each rank scores its share and rank 0 ends with every scan's results in the list's order
+    (`merge_test_fold`; the other ranks return no rows)."""
+    shard = store.shard
+    rows, indices, diags = [], [], [] if diagnostics is not None else None
     counts = {s: ScoreCounts() for s in settings.scorers}
-    for i, pos in enumerate(tqdm(ev.test_pos, desc=f"{ev.dataset} fold {fold} test", unit="scan")):
+    hist = histograms  # under torchrun: this rank's, summed into `histograms` on rank 0
+    if histograms is not None and shard.world > 1:
+        hist = {s: ScoreHistogram() for s in histograms}
+    for i, pos in tqdm(shard.mine(ev.test_pos), desc=f"{ev.dataset} fold {fold} test", unit="scan"):
         image, mask, seg = ev.volume(pos)
         lesion, valid = ev.truth(seg)
         truth = _counted(lesion, valid)
-        diag = {} if diagnostics is not None else None
+        diag = {} if diags is not None else None
         maps, reco_mean = score_volume(model, image, mask, settings, ev.prepared.names[pos], device, diagnostics=diag)
         if diag is not None:
             if "nocov" in maps:
                 diag["corr_mhd_nocov"] = map_correlation(maps["mhd"], maps["nocov"], mask)
-            diagnostics.append(diag)
-        store.fold_mean[i] += maps["mhd"] / n_folds
-        if histograms is not None:
-            store.first_mhd[i], store.first_reco[i] = maps["mhd"], reco_mean
+            diags.append(diag)
+        slot = shard.slot(i)
+        store.fold_mean[slot] += maps["mhd"] / n_folds
+        if hist is not None:
+            store.first_mhd[slot], store.first_reco[slot] = maps["mhd"], reco_mean
         row = {"fold": fold, "scan": ev.prepared.names[pos], "lesion_voxels": int(truth.sum())}
         for s in settings.scorers:
             r, scores = results[s], _counted(maps[s], valid)
@@ -216,13 +257,62 @@ def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: 
             r.auroc.append(per_volume_auroc(scores, truth) if truth.any() else np.nan)
             r.dice.append(dice(_counted(_predict(s, maps[s], r.threshold), valid), truth))
             volume_conventions(r, s, maps[s], valid, truth, counts[s], threshold_steps)
-            if histograms is not None:
-                histograms[s].add(scores, truth)
+            if hist is not None:
+                hist[s].add(scores, truth)
             row[f"{s}_auprc"], row[f"{s}_auroc"], row[f"{s}_dice"] = r.auprc[-1], r.auroc[-1], r.dice[-1]
         rows.append(row)
-    for s in settings.scorers:
-        results[s].auprc_pooled, results[s].auroc_pooled = counts[s].auprc(), counts[s].auroc()
+        indices.append(i)
+    if shard.world > 1:
+        store.flush()  # the gallery's maps, for rank 0 to read (also across nodes on a shared file system)
+        rows, diags = merge_test_fold(shard, Path(work or "."), fold, indices, results, rows, diags, counts,
+                                      hist, histograms)
+    else:
+        for s in settings.scorers:
+            results[s].auprc_pooled, results[s].auroc_pooled = counts[s].auprc(), counts[s].auroc()
+    if diagnostics is not None:
+        diagnostics.extend(diags)
     return rows
+
+
+PER_VOLUME = ("auprc", "auroc", "dice", "dice_oracle")
+
+
+def merge_test_fold(shard: Shard, work: Path, fold: int, indices: list[int], results: dict[str, ScorerFold],
+                    rows: list[dict], diags: list[dict] | None, counts: dict[str, ScoreCounts],
+                    hist: dict[str, ScoreHistogram] | None, histograms: dict[str, ScoreHistogram] | None
+                    ) -> tuple[list[dict], list[dict]]:
+    """Every rank's share of a fold's test scans, on rank 0, as one process would have them: per-volume values
+    in the test list's order, pooled counts merged per distinct score, histogram counts summed (all exact).
+    Returns the rows and diagnostics in that order on rank 0, nothing elsewhere."""
+    tables = {s: shard.stash(work / f"counts_fold{fold}_rank{shard.rank}_{s}.npz",
+                             dict(zip(("values", "pos", "neg"), counts[s].counts(), strict=True)))
+              for s in results}
+    part = {"indices": indices, "rows": rows, "diags": diags, "counts": tables,
+            "values": {s: {k: getattr(r, k) for k in PER_VOLUME} | {"fpr": r.dice_fpr} for s, r in results.items()},
+            "hist": None if hist is None else {s: (h.pos, h.neg) for s, h in hist.items()}}
+    parts = shard.gather(part)
+    if not shard.main:
+        return [], []
+    order = sorted((i, p, k) for p, part in enumerate(parts) for k, i in enumerate(part["indices"]))
+
+    def merged(get) -> list:
+        return [get(parts[p])[k] for _, p, k in order]
+
+    for s, r in results.items():
+        for key in PER_VOLUME:
+            setattr(r, key, merged(lambda part, s=s, key=key: part["values"][s][key]))
+        fpr_keys = dict.fromkeys(k for part in parts for k in part["values"][s]["fpr"])
+        r.dice_fpr = {key: merged(lambda part, s=s, key=key: part["values"][s]["fpr"][key]) for key in fpr_keys}
+        pooled = ScoreCounts()
+        for part in parts:
+            pooled.add_counts(*(unstash(part["counts"][s], k) for k in ("values", "pos", "neg")))
+        r.auprc_pooled, r.auroc_pooled = pooled.auprc(), pooled.auroc()
+        drop(part["counts"][s] for part in parts)
+        if histograms is not None:
+            for part in parts:
+                histograms[s].pos += part["hist"][s][0]
+                histograms[s].neg += part["hist"][s][1]
+    return merged(lambda part: part["rows"]), None if diags is None else merged(lambda part: part["diags"])
 
 
 def summarise(per_fold: list[dict[str, ScorerFold]], ev: EvaluationSet, scorers: tuple[str, ...]) -> dict:
@@ -327,62 +417,75 @@ def gallery_rows(ev: EvaluationSet, first_fold: dict[str, ScorerFold], store: Ma
     for label, i in pick_gallery_scans(first_fold["mhd"].auprc):
         pos = ev.test_pos[i]
         image, _, seg = ev.volume(pos)
-        rows.append(GalleryRow(label, ev.prepared.names[pos], float(first_fold["mhd"].auprc[i]), image,
-                               np.asarray(store.first_reco[i]), np.asarray(store.first_mhd[i]),
+        mhd, reco = store.first_fold(i)
+        rows.append(GalleryRow(label, ev.prepared.names[pos], float(first_fold["mhd"].auprc[i]), image, reco, mhd,
                                ev.truth(seg)[0].astype(np.uint8)))
     return rows
 
 
-def write_source_space_maps(folder: Path, ev: EvaluationSet, fold_mean: np.ndarray) -> None:
-    """Each test scan's fold-mean mhd map in its source scan's grid and affine, zero outside its brain."""
+def write_source_space_maps(folder: Path, ev: EvaluationSet, store: MapStore) -> None:
+    """Each of this rank's test scans' fold-mean mhd map in its source scan's grid and affine, zero outside its
+    brain, into `folder` (the maps folder that rank 0 puts in place)."""
     ps = ev.prepared
-    with replace_dir(folder) as tmp:
-        for i, pos in enumerate(ev.test_pos):
-            geometry = ps.geometry(pos)
-            amap = to_source_space(np.asarray(fold_mean[i]), geometry, ps.source_mask(pos))
-            save_nifti(tmp / f"{ps.names[pos]}_mhd.nii.gz", amap, geometry.source_affine, dtype=np.float32)
+    for i, pos in store.shard.mine(ev.test_pos):
+        geometry = ps.geometry(pos)
+        amap = to_source_space(np.asarray(store.fold_mean[store.shard.slot(i)]), geometry, ps.source_mask(pos))
+        save_nifti(folder / f"{ps.names[pos]}_mhd.nii.gz", amap, geometry.source_affine, dtype=np.float32)
+
+
+def score_folds(params, ev: EvaluationSet, settings: MhdSettings, store: MapStore, root: Path, work: Path,
+                healthy: dict, histograms: dict[str, ScoreHistogram]) -> tuple[list, list[dict], list[dict]]:
+    """Every fold's thresholds and test metrics: (per fold {scorer: ScorerFold}, CSV rows, diagnostics); complete
+    on rank 0 (the others hold their own share)."""
+    folds = [int(f) for f in params.train.folds]
+    device, steps = store.shard.device(select_device(params)), int(params.evaluate.threshold_steps)
+    per_fold, per_volume, diagnostics = [], [], []
+    for k, fold in enumerate(folds):
+        model, _ = load_cddpm(params, cddpm_path(root, ev.modality, fold), ev.modality)
+        model.to(device)
+        results = val_thresholds(model, ev, settings, device, steps, fold, store.shard, work)
+        for s in settings.scorers:
+            results[s].fpr_thresholds = healthy[fold][s]
+        per_volume += test_metrics(model, ev, settings, device, fold, results, store, len(folds),
+                                   histograms if k == 0 else None, steps, diagnostics, work)
+        per_fold.append(results)
+        del model
+        release_device_memory()
+    return per_fold, per_volume, diagnostics
 
 
 def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
-    """Evaluate every fold on `dataset`; returns the metrics file."""
+    """Evaluate every fold on `dataset`; returns the metrics file (written by rank 0 under torchrun)."""
     root = Path(root)
     settings = MhdSettings.from_params(params)
     ev = EvaluationSet.open(params, dataset)
-    if missing := scans_without_lesion(ev):
-        log.warning("%s: %d test scans have no lesion voxel on the model grid (AP/AUROC left out, Dice "
-                    "counted): %s", dataset, len(missing), ", ".join(missing))
-    folds = [int(f) for f in params.train.folds]
     healthy = {fold: read_thresholds(thresholds_path(root, ev.modality, fold), settings.scorers, ev.modality, fold)
-               for fold in folds}  # checked before any scoring
-    device, e = select_device(params), params.evaluate
-    histograms = {s: ScoreHistogram() for s in settings.scorers}
-    per_fold, per_volume, diagnostics = [], [], []
-    with replace_dir(root / "artifacts" / "eval" / dataset) as work:
-        store = MapStore(work, len(ev.test_pos), ev.prepared.images.shape[1:])
-        for k, fold in enumerate(folds):
-            model, _ = load_cddpm(params, cddpm_path(root, ev.modality, fold), ev.modality)
-            model.to(device)
-            results = val_thresholds(model, ev, settings, device, int(e.threshold_steps), fold)
-            for s in settings.scorers:
-                results[s].fpr_thresholds = healthy[fold][s]
-            per_volume += test_metrics(model, ev, settings, device, fold, results, store, len(folds),
-                                       histograms if k == 0 else None, int(e.threshold_steps), diagnostics)
-            per_fold.append(results)
-            del model
-            release_device_memory()
-        metrics = summarise(per_fold, ev, settings.scorers)
-        for s, block in other_conventions(per_fold, settings.scorers).items():
-            metrics[s].update(block)
-        metrics["mhd_diagnostics"] = mhd_diagnostics(diagnostics)
-        write_per_volume_csv(root / "metrics" / f"{dataset}_per_volume.csv", per_volume)
-        write_pr_curves(root / "plots" / dataset, histograms, int(e.pr_curve_points))
-        gallery = root / "reports" / "gallery" / f"{dataset}.png"
-        if e.gallery and (rows := gallery_rows(ev, per_fold[0], store)):
-            write_gallery(gallery, dataset, rows)
-        if e.write_maps:
-            write_source_space_maps(root / "artifacts" / "maps" / dataset, ev, store.fold_mean)
-        store.close()
-    out = root / "metrics" / f"{dataset}.json"
-    atomic_write_text(out, json.dumps(_finite_or_null(metrics), indent=2) + "\n")
-    log_evaluation(f"evaluate@{dataset}", to_plain(params), metrics, [out, gallery])
+               for fold in (int(f) for f in params.train.folds)}  # checked before any scoring
+    e = params.evaluate
+    out, gallery = root / "metrics" / f"{dataset}.json", root / "reports" / "gallery" / f"{dataset}.png"
+    with process_shard() as shard:
+        if shard.main and (missing := scans_without_lesion(ev)):
+            log.warning("%s: %d test scans have no lesion voxel on the model grid (AP/AUROC left out, Dice "
+                        "counted): %s", dataset, len(missing), ", ".join(missing))
+        histograms = {s: ScoreHistogram() for s in settings.scorers}
+        with shared_folder(shard, root / "artifacts" / "eval" / dataset) as work:
+            store = MapStore(work, shard, len(ev.test_pos), ev.prepared.images.shape[1:])
+            per_fold, per_volume, diagnostics = score_folds(params, ev, settings, store, root, work, healthy,
+                                                            histograms)
+            if e.write_maps:
+                with shared_folder(shard, root / "artifacts" / "maps" / dataset) as maps:
+                    write_source_space_maps(maps, ev, store)
+            if shard.main:
+                metrics = summarise(per_fold, ev, settings.scorers)
+                for s, block in other_conventions(per_fold, settings.scorers).items():
+                    metrics[s].update(block)
+                metrics["mhd_diagnostics"] = mhd_diagnostics(diagnostics)
+                write_per_volume_csv(root / "metrics" / f"{dataset}_per_volume.csv", per_volume)
+                write_pr_curves(root / "plots" / dataset, histograms, int(e.pr_curve_points))
+                if e.gallery and (rows := gallery_rows(ev, per_fold[0], store)):
+                    write_gallery(gallery, dataset, rows)
+            store.close()
+    if shard.main:
+        atomic_write_text(out, json.dumps(_finite_or_null(metrics), indent=2) + "\n")
+        log_evaluation(f"evaluate@{dataset}", to_plain(params), metrics, [out, gallery])
     return out

@@ -8,6 +8,10 @@ the split lists twice is scored and counted once. The `evaluate@<set>` stages of
 file back (`read_thresholds`) for each scorer's Dice at these thresholds (`dice_fpr01`, `dice_fpr05`,
 `dice_fpr10` in metrics/<set>.json).
 
+Under `torchrun --nproc_per_node K` rank r scores the scans r, r + K, ... and leaves their brain voxels in a
+work folder (artifacts/eval/IXI_<M>-fold<K>, removed at the end); rank 0 pools them in the list's order and
+writes the file, the same as a single process's (evaluation.sharding).
+
 artifacts/healthy/<M>/fold<K>/thresholds.json (written atomically):
     {"modality": "t2", "fold": 0, "n_scans": .., "n_voxels": .. (pooled brain voxels), "scans": [names],
      "fpr": {"fpr01": 0.01, "fpr05": 0.05, "fpr10": 0.1},
@@ -16,6 +20,7 @@ artifacts/healthy/<M>/fold<K>/thresholds.json (written atomically):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,6 +34,7 @@ from mhd_uad.data.prepared import PreparedSet, prepared_name
 from mhd_uad.data.splits import IXI, read_split_csv
 from mhd_uad.errors import InputFileError
 from mhd_uad.evaluation.metrics import threshold_at_fpr
+from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shared_folder, unstash
 from mhd_uad.io import atomic_write_text
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
 from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
@@ -53,18 +59,23 @@ def healthy_scans(params, modality: str, fold: int) -> tuple[PreparedSet, list[i
 
 
 def pooled_brain_scores(model, ps: PreparedSet, positions: list[int], settings: MhdSettings, device,
-                        desc: str = "healthy") -> tuple[dict[str, np.ndarray], int]:
-    """Every scorer's map values over the brain voxels (mask > 0) of the scans, pooled; and their number."""
-    pooled: dict[str, list[np.ndarray]] = {s: [] for s in settings.scorers}
-    n_voxels = 0
-    for pos in tqdm(positions, desc=desc, unit="scan"):
+                        desc: str = "healthy", shard: Shard = SINGLE, work: Path | None = None
+                        ) -> tuple[dict[str, np.ndarray], int]:
+    """Every scorer's map values over the brain voxels (mask > 0) of the scans, pooled; and their number.
+    Under torchrun each rank scores its share; rank 0 returns the pool of all of them, the others ({}, 0)."""
+    mine = []
+    for i, pos in tqdm(shard.mine(positions), desc=desc, unit="scan"):
         image, mask = np.asarray(ps.images[pos]), np.asarray(ps.masks[pos])
         maps, _ = score_volume(model, image, mask, settings, ps.names[pos], device)
         brain = mask > 0
-        for s in settings.scorers:
-            pooled[s].append(maps[s][brain])
-        n_voxels += int(brain.sum())
-    return {s: np.concatenate(v) for s, v in pooled.items()}, n_voxels
+        mine.append((i, shard.stash(Path(work or ".") / f"healthy_{i:06d}.npz",
+                                    {s: maps[s][brain] for s in settings.scorers})))
+    scans = shard.gather_in_order(mine)
+    if not shard.main:
+        return {}, 0
+    pooled = {s: np.concatenate([unstash(scan, s) for scan in scans]) for s in settings.scorers}
+    drop(scans)
+    return pooled, int(pooled[settings.scorers[0]].size)
 
 
 def fpr_thresholds(pooled: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -126,22 +137,32 @@ def read_thresholds(path: str | Path, scorers, modality: str | None = None, fold
 
 
 def run_score_healthy(params, modality: str, fold: int, root: str | Path = ".") -> Path:
-    """Score the fold's healthy IXI val scans with its cDDPM; returns the thresholds file."""
+    """Score the fold's healthy IXI val scans with its cDDPM; returns the thresholds file (written by rank 0
+    under torchrun)."""
     root = Path(root)
     settings = MhdSettings.from_params(params)
     ps, positions = healthy_scans(params, modality, fold)
-    device = select_device(params)
-    model, _ = load_cddpm(params, cddpm_path(root, modality, fold), modality)
-    model.to(device)
-    pooled, n_voxels = pooled_brain_scores(model, ps, positions, settings, device, f"IXI {modality} fold {fold}")
-    del model
-    release_device_memory()
+    out = thresholds_path(root, modality, fold)
+    scratch = root / "artifacts" / "eval" / f"IXI_{modality}-fold{int(fold)}"
+    with process_shard() as shard:
+        device = shard.device(select_device(params))
+        model, _ = load_cddpm(params, cddpm_path(root, modality, fold), modality)
+        model.to(device)
+        with shared_folder(shard, scratch) if shard.world > 1 else contextlib.nullcontext() as work:
+            pooled, n_voxels = pooled_brain_scores(model, ps, positions, settings, device,
+                                                   f"IXI {modality} fold {fold}", shard, work)
+        del model
+        release_device_memory()
+    if not shard.main:
+        return out
+    if shard.world > 1:
+        scratch.rmdir()  # emptied by the pooling
     if n_voxels == 0:
         raise InputFileError(f"the healthy val scans of fold {fold} hold no brain voxel", ps.folder)
     thresholds = fpr_thresholds(pooled)
     payload = {"modality": modality, "fold": int(fold), "n_scans": len(positions), "n_voxels": n_voxels,
                "scans": [ps.names[p] for p in positions], "fpr": dict(FPR_LEVELS), "thresholds": thresholds}
-    out = write_thresholds(thresholds_path(root, modality, fold), payload)
+    write_thresholds(out, payload)
     log.info("%s fold %d: FPR thresholds from %d healthy scans (%d brain voxels)", modality, fold,
              len(positions), n_voxels)
     log_evaluation(f"score-healthy@{modality}-{fold}", to_plain(params),

@@ -250,6 +250,15 @@ class ScoreCounts:
         if self._pending_rows >= self.merge_every:
             self._merge()
 
+    def add_counts(self, values: Any, pos: Any, neg: Any) -> None:
+        """Pool another pool's table (its `counts()`, e.g. from another process): distinct scores with their
+        lesion and background counts. Exact, in any order: the merged table is the one pool's table."""
+        values = np.asarray(values, dtype=np.float32)
+        self._pending.append((values, np.asarray(pos, dtype=np.int64), np.asarray(neg, dtype=np.int64)))
+        self._pending_rows += values.size
+        if self._pending_rows >= self.merge_every:
+            self._merge()
+
     def _merge(self) -> None:
         if self._pending:
             parts = [(self.values, self.pos, self.neg), *self._pending]

@@ -1,4 +1,9 @@
-"""Thin Lightning wrappers around the pure-torch cDDPM and SparK modules: steps, logging, optimisers."""
+"""Thin Lightning wrappers around the pure-torch cDDPM and SparK modules: steps, logging, optimisers.
+
+The losses are logged with `sync_dist`: under DDP the logged values, and the val loss the best checkpoint is
+chosen by, are means over the ranks (a no-op in a single process). Parameters that no loss reaches (the EMA
+copy, SparK's unused FC head) take no gradient, so plain `ddp` needs no unused-parameter search.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class CDDPMModule(_SliceModule):
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
 
     @property
     def exported_prefix(self) -> str:
@@ -44,13 +50,15 @@ class CDDPMModule(_SliceModule):
 
     def training_step(self, batch, batch_idx):
         loss, _ = self.model.training_loss(batch["image"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["image"].shape[0],
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         model = self.ema.module if self.ema is not None else self.model
         loss, _ = model.training_loss(batch["image"], generator=self._val_generator(batch_idx))
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0],
+                 sync_dist=True)
         return loss
 
     def configure_optimizers(self):
@@ -78,16 +86,19 @@ class SparKModule(_SliceModule):
     def __init__(self, pretrainer, lr: float = 1e-4, weight_decay: float = 0.05, betas=(0.9, 0.95)):
         super().__init__()
         self.pretrainer = pretrainer
+        pretrainer.encoder.fc.requires_grad_(False)  # not among spark's pretraining parameters: no loss reaches it
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
 
     def training_step(self, batch, batch_idx):
         loss, _, _ = self.pretrainer(batch["image"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["image"].shape[0],
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         loss, _, _ = self.pretrainer(batch["image"], generator=self._val_generator(batch_idx))
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0],
+                 sync_dist=True)
         return loss
 
     def configure_optimizers(self):
