@@ -23,13 +23,21 @@ from mhd_uad.models.factory import build_cddpm, image_size
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(profile: str, precision: str, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
+def measure(profile: str, precision: str, batch: int, steps: int, warmup: int, device: torch.device,
+            channels_last: bool = False, compile_model: bool = False) -> dict:
+    """Seconds per real training step after `warmup` steps; optionally in channels_last memory format and
+    with the UNet and encoder through torch.compile (benchmarks/paper_profile.py uses both)."""
     params = compose([f"profile={profile}"], REPO)
     torch.manual_seed(0)
     model = build_cddpm(params).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     size = image_size(params)
     x = torch.rand(batch, 1, size, size, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if compile_model:
+        model.unet, model.encoder = torch.compile(model.unet), torch.compile(model.encoder)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 

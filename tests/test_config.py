@@ -26,6 +26,19 @@ def test_profiles_compose_with_the_papers_numbers():
         "Brats21": "t2", "MSLUB": "t2", "ATLAS_v2": "t1", "WMH": "t1"}
 
 
+def test_overrides_may_follow_options_deletions_included(monkeypatch):
+    from mhd_uad import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_score", lambda args: seen.update(overrides=args.overrides))
+    argv = ["score", "scan.nii.gz", "--mask", "mask.nii.gz", "--out", "map.nii.gz", "profile=paper",
+            "~datasets.WMH", "+extra=1"]
+    assert cli.main(argv) == 0
+    assert seen["overrides"] == ["profile=paper", "~datasets.WMH", "+extra=1"]
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "stray"])
+
+
 def test_unknown_override_and_profile_are_config_errors():
     with pytest.raises(ConfigError, match="prepare.gird"):
         compose(["prepare.gird=3"], REPO)

@@ -20,11 +20,11 @@ def _block(text: str, start: str, end: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0].strip()
 
 
-def test_readme_demo_realism_and_generalisation_blocks_are_the_benchmarks_reports():
+def test_readme_benchmark_blocks_are_the_benchmarks_reports():
     from mhd_uad.evaluation.report import markdown_body
 
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    for name in ("demo-realism", "demo-generalisation", "demo-stage-times", "demo-seed-spread"):
+    for name in ("demo-realism", "demo-generalisation", "demo-stage-times", "demo-seed-spread", "paper-profile"):
         start = next(line for line in text.splitlines() if line.startswith(f"<!-- {name}:start"))
         report = REPO / "reports" / f"{name.replace('-', '_')}.md"
         assert report.is_file(), f"{report.name} missing: run benchmarks/{name.replace('-', '_')}.py"

@@ -342,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # key=value overrides may follow options that take values (`score SCAN --out X key=value`)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    # overrides may follow options that take values (`score SCAN --out X key=value ~deleted.key`)
+    if extra and hasattr(args, "overrides") and all(("=" in e or e.startswith("~")) and not e.startswith("-")
+                                                    for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
