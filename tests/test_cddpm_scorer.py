@@ -204,3 +204,12 @@ def test_every_scorer_has_a_label_and_one_legend_line_in_table_order():
     legend = [line for line in text.splitlines() if line.startswith("- ")]
     assert [line.split("`")[1] for line in legend] == ["mhd", "single", "cddpm"]
     assert "ENS t = 250/500/750" in legend[2] and "method.md §4.6" in legend[2]
+
+
+def test_fp16_autocast_falls_back_to_bf16_on_the_cpu():
+    from mhd_uad.models.inference import _autocast
+
+    with _autocast(torch.device("cpu"), "16-mixed"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with _autocast(torch.device("cpu"), "32"):
+        assert not torch.is_autocast_enabled("cpu")
