@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name
 from mhd_uad.evaluation.report import readme_block_from
 from mhd_uad.io import atomic_write_text
 
@@ -39,16 +40,6 @@ def group_of(step: str) -> str:
     stage = step.split("@", 1)[0]
     return {"splits": "splits + prepare", "prepare": "splits + prepare", "demo-data": "data",
             "dvc commit data": "data", "report --readme": "report"}.get(stage, stage)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _run(cmd: list[str], cwd: Path) -> float:

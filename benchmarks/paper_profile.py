@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 import resource
 import sys
@@ -42,6 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from eval_throughput import brain_volume
+from machine import cpu_name
 from mhd_uad.config import compose
 from mhd_uad.errors import MhdUadError
 from mhd_uad.evaluation.report import readme_block_from
@@ -122,15 +122,7 @@ def variants(device: torch.device) -> list[Variant]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model or platform.processor() or platform.machine()}"
+    return f"CPU {cpu_name()}"
 
 
 def synchronize(device: torch.device) -> None:
