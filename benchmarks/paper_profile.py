@@ -210,7 +210,8 @@ def measure_evaluation(params, variant: Variant, device: torch.device, slices: i
                               min(max_batch_cap, rows))
     else:
         batch = min(max_batch_cap, rows)
-    settings = replace(full, num_reconstructions=recos, max_batch=batch, precision=variant.mhd_precision)
+    settings = replace(full, num_reconstructions=recos, max_batch=batch, precision=variant.mhd_precision,
+                       channels_last=variant.channels_last)
     image, _ = brain_volume((z, x, y), 0)
     first = (z - slices) // 2
     image = image[first:first + slices]

@@ -100,6 +100,15 @@ def test_invalid_noise_levels_name_the_key(params, levels):
         MhdSettings.from_params(p)
 
 
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_channels_last_must_be_a_boolean(params, value):
+    p = copy.deepcopy(params)
+    assert MhdSettings.from_params(p).channels_last is True  # the default: faster passes, the same maths
+    p.mhd.channels_last = value
+    with pytest.raises(ConfigError, match=r"mhd\.channels_last"):
+        MhdSettings.from_params(p)
+
+
 def test_noise_levels_may_be_unset_when_cddpm_is_not_asked_for(params):
     p = copy.deepcopy(params)
     p.mhd.cddpm_noise_levels = None
@@ -213,3 +222,22 @@ def test_fp16_autocast_falls_back_to_bf16_on_the_cpu():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with _autocast(torch.device("cpu"), "32"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_channels_last_passes_give_the_same_reconstructions():
+    from dataclasses import replace
+
+    from mhd_uad.models.unet import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(16, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(8,), num_head_channels=8, groupnorm_groups=4, cond_dim=1)
+    for p in unet.parameters():  # the zero-initialised output layer would hide any difference
+        torch.nn.init.normal_(p, std=0.2)
+    model = ConditionedDDPM(unet, _CountingEncoder())
+    image, _ = _volume(2)
+    default, _ = reconstruct_scan(model, image, _settings(), "scan-a")
+    fast, _ = reconstruct_scan(model, image, replace(_settings(), channels_last=True), "scan-a")
+    assert next(p for p in model.unet.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(fast, default, atol=1e-5)
+    assert np.abs(default - default.mean()).max() > 1e-3  # a real, non-constant output was compared

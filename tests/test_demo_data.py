@@ -316,6 +316,40 @@ def test_held_out_twin_differs_only_at_the_lesion():
     assert np.mean(np.abs(a - b * (a @ b) / (b @ b)) > 1e-3) < 0.005
 
 
+def test_skull_stripped_training_scans_keep_a_rim_of_subarachnoid_csf():
+    # Real skull-strip masks reach the inner skull: a CSF rim, T2-bright and T1-dark, thicker with age.
+    from scipy import ndimage as ndi
+
+    from mhd_uad.data.demo.anatomy import CSF, GM, MASK, WM, _warp_subject
+    from mhd_uad.data.demo.lesions import add_subarachnoid_csf, subarachnoid_thickness_mm
+    from mhd_uad.data.demo.warps import _grid_mm
+
+    assert subarachnoid_thickness_mm(80.0) > subarachnoid_thickness_mm(25.0) + 1.5
+    base = demo.load_base_anatomy(voxel_size=2.0, name="mni152")
+    grown = {}
+    for age in (25.0, 80.0):
+        anat = _warp_subject(base, _grid_mm(base.shape, base.voxel_size))
+        before = anat.channels.copy()
+        add_subarachnoid_csf(np.random.default_rng(0), anat, age)
+        ch = anat.channels
+        assert np.array_equal(ch[GM], before[GM]) and np.array_equal(ch[WM], before[WM])
+        assert np.all(ch[CSF] >= before[CSF]) and np.all(ch[MASK] >= before[MASK])
+        assert ch[GM:MASK].sum(0).max() <= 1.0 + 1e-9
+        # Only outside the old brain, and filled with CSF up to the new mask.
+        new = (ch[MASK] > 0.5) & ~(before[MASK] > 0.5)
+        assert new.any() and np.allclose((ch[CSF] - before[CSF])[before[MASK] > 0.5], 0.0)
+        assert np.all(ch[GM:MASK].sum(0)[new] >= ch[MASK][new] - 1e-9)
+        grown[age] = int(new.sum())
+    assert grown[80.0] > 1.5 * grown[25.0]
+
+    scan = demo.simulate_subject({"mni152": base}, "ixi", 1, 0)
+    mask = scan.mask > 0
+    rim = mask & (ndi.distance_transform_edt(mask) <= 1.0)
+    wm = scan.tissue[1] > 0.9
+    assert np.mean(scan.images["t2"][rim]) > 1.5 * np.median(scan.images["t2"][wm])
+    assert np.mean(scan.images["t1"][rim]) < 0.5 * np.median(scan.images["t1"][wm])
+
+
 @pytest.mark.slow
 def test_intensity_threshold_stays_within_a_factor_of_two_of_the_paper(tmp_path):
     """The demo's difficulty (issue: the published Thresh row within x2 on every set; the benchmark checks

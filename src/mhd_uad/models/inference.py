@@ -36,6 +36,7 @@ class MhdSettings:
     precision: str
     scorers: tuple[str, ...]
     cddpm_t_indices: tuple[int, ...] = ()  # 0-based; the cddpm scorer's noise levels 250/500/750 -> 249/499/749
+    channels_last: bool = False  # run the passes in NHWC memory format (the same maths, faster kernels)
 
     @classmethod
     def from_params(cls, params) -> MhdSettings:
@@ -57,8 +58,10 @@ class MhdSettings:
                 "evaluate.scorers includes cddpm, so mhd.cddpm_noise_levels must be set (method.md §4.6: "
                 "[250, 500, 750])")
         t_indices = () if levels is None else _cddpm_t_indices(levels, timesteps)
+        channels_last = m.get("channels_last", False)
+        require(isinstance(channels_last, bool), f"mhd.channels_last must be true or false, got {channels_last!r}")
         return cls(n, level - 1, float(m.ridge), int(m.seed), int(m.max_batch), str(m.precision), scorers,
-                   t_indices)
+                   t_indices, channels_last)
 
 
 def _cddpm_t_indices(levels, timesteps: int) -> tuple[int, ...]:
@@ -123,6 +126,9 @@ def reconstruct_scan(model, image: np.ndarray, settings: MhdSettings, scan: str,
         raise MhdUadError("the cddpm scorer needs mhd.cddpm_noise_levels (method.md §4.6: [250, 500, 750])")
     device = torch.device(device)
     x = torch.from_numpy(np.array(image, dtype=np.float32))[:, None].to(device)  # a copy: memmaps are read-only
+    if settings.channels_last:
+        # In place, as .to(device) is. The 1-channel input needs no conversion: its layout is the same in NHWC.
+        model = model.to(memory_format=torch.channels_last)
     seeds = reconstruction_seeds(settings.seed, scan, settings.num_reconstructions)
     ens = None
     with torch.inference_mode(), _autocast(device, settings.precision):

@@ -19,6 +19,7 @@ from mhd_uad.data.demo.datasets import DATASETS, sample_age
 from mhd_uad.data.demo.lesions import (
     LESION_PLANNERS,
     add_healthy_distractors,
+    add_subarachnoid_csf,
     lesion_size_quantile,
     widen_sulci,
 )
@@ -178,14 +179,14 @@ def simulate_subject(
 ) -> SyntheticScan:
     """Generate one subject of `dataset` on the working grid (no I/O), from one base or a drawn one.
 
-    `warp=False` renders the base anatomy as it is (no affine, elastic or atrophy warp: the generalisation
-    benchmark's held-out anatomy); `lesion=False` leaves out the set's lesion and keeps every other draw,
+    `warp=False` renders the base anatomy as it is (no affine, elastic or atrophy warp, no added subarachnoid
+    CSF: the generalisation benchmark's held-out anatomy, whose mask keeps its own); `lesion=False` leaves out the set's lesion and keeps every other draw,
     so the pair (lesion=True, lesion=False) differs only by the lesion (and its mass effect).
     """
     lesion_type = DATASETS[dataset][4] if lesion else "none"
     contrasts = tuple(contrasts or DATASETS[dataset][3])
     ss = subject_seed_sequence(seed, dataset, index)
-    geometry_ss, tissue_ss, distractor_ss, lesion_ss, t1_ss, t2_ss, subject_ss = ss.spawn(7)
+    geometry_ss, tissue_ss, distractor_ss, lesion_ss, t1_ss, t2_ss, subject_ss, shell_ss = ss.spawn(8)
     geometry_rng, tissue_rng = np.random.default_rng(geometry_ss), np.random.default_rng(tissue_ss)
     subject_rng = np.random.default_rng(subject_ss)
     base = _pick_base(subject_rng, bases)
@@ -203,6 +204,9 @@ def simulate_subject(
                 points = compose_backward_maps(points, plan.second_map, v)
                 anat = _warp_subject(base, points)
 
+    if warp:
+        # Before the nominal PVs: the shell is anatomy (template T1 = the model's CSF level), not a change.
+        add_subarachnoid_csf(np.random.default_rng(shell_ss), anat, age)
     draws = _subject_draws(tissue_rng, anat.shape, v)
     pv_nominal = tissue_pv(anat.channels)
     distractor_rng = np.random.default_rng(distractor_ss)

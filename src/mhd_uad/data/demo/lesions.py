@@ -1,7 +1,8 @@
 """Lesions (demo-data.md §4.2) and healthy distractors (§4.1.4), painted as soft fraction maps.
 
 Soft painting helpers (ellipsoids, softened binaries, region growing); the healthy distractors every subject
-gets (perivascular spaces, periventricular caps, choroid plexus, flow voids, wider sulci); and one planner
+gets (perivascular spaces, periventricular caps, choroid plexus, flow voids, wider sulci, the
+subarachnoid CSF a skull-strip mask keeps); and one planner
 per lesion type: `plan_*` draws the lesion before the final warp and returns a `LesionPlan` whose painter
 edits the tissue model of the warped subject.
 """
@@ -20,6 +21,7 @@ from mhd_uad.data.demo.anatomy import (
     DEPTH,
     GM,
     MASK,
+    T1,
     VENT,
     WM,
     SubjectAnatomy,
@@ -36,6 +38,8 @@ from mhd_uad.data.demo.tissue import (
     STROKE_RIM_MM,
     STROKE_SIGMA,
     WMH_MEDIAN_ML,
+    T1wSequence,
+    tissue_ratios,
 )
 from mhd_uad.data.demo.warps import _grid_mm, _radial_dilation, _rotation, atrophy_level, smooth_noise
 
@@ -180,6 +184,34 @@ def widen_sulci(rng: np.random.Generator, anat: SubjectAnatomy, age: float = 50.
     ch[GM] -= moved
     ch[CSF] += moved
 
+
+
+def subarachnoid_thickness_mm(age: float) -> float:
+    """Mean thickness of the CSF between the cortex and the inner skull: about 1 mm at 20 years, 3-4 mm at
+    80 [approximate: the brain-to-skull distance of adult MRI grows with atrophy]."""
+    return 0.8 + 3.0 * atrophy_level(age)
+
+
+def add_subarachnoid_csf(rng: np.random.Generator, anat: SubjectAnatomy, age: float = 50.0) -> None:
+    """The CSF around the brain that a skull-strip mask keeps (HD-BET and BET masks reach the inner skull):
+    the mask grows outward by a shell of subarachnoid CSF, thicker with age and uneven over the convexity.
+
+    The templates' own masks hug the cortex (MNI152 holds almost no CSF more than 2 mm out), so without this
+    the model never sees the bright T2 (dark T1) rim every skull-stripped scan has. The shell's T1 channel
+    is the T1w model's CSF level (WM = 1), like the rest of the T1 image after `_render`'s tissue ratio.
+    """
+    ch, v = anat.channels, anat.v
+    brain = ch[MASK] > 0.5
+    mean_mm = float(np.clip(subarachnoid_thickness_mm(age) * np.exp(rng.normal(0.0, 0.25)), 0.3, 6.0))
+    # Uneven over the brain: thicker in some regions (frontal, sylvian), thinner in others.
+    thickness = mean_mm * np.exp(0.35 * smooth_noise(rng, anat.shape, 20.0, v))
+    outside_mm = ndi.distance_transform_edt(~brain) * v
+    # Partial volume of the shell in each voxel outside the brain (a voxel's centre `outside_mm` out).
+    mask = np.where(brain, ch[MASK], np.maximum(ch[MASK], np.clip((thickness - outside_mm) / v + 0.5, 0.0, 1.0)))
+    added = np.clip(mask - ch[GM] - ch[WM] - ch[CSF], 0.0, 1.0) * ~brain  # filled up to the mask with CSF
+    ch[CSF] += added
+    ch[T1] += added * tissue_ratios(T1wSequence())["csf"]
+    ch[MASK] = mask
 
 # ---------------------------------------------------------------------------------------------------
 # Lesions (demo-data.md §4.2)
