@@ -34,6 +34,7 @@ class PrepareSettings:
     curvature_flow_time_step: float
     curvature_flow_iterations: int
     percentiles: tuple[float, float]
+    antialias: bool = False  # Gaussian smoothing before downsampling (torchio, Cardoso et al. 2015); see conf/
 
     @classmethod
     def from_params(cls, params) -> PrepareSettings:
@@ -46,7 +47,9 @@ class PrepareSettings:
         require(0 <= lo < hi <= 100, f"prepare.percentiles must satisfy 0 <= p_lo < p_hi <= 100, got {[lo, hi]}")
         iters = int(p.curvature_flow_iterations)
         require(iters >= 0, "prepare.curvature_flow_iterations must be >= 0")
-        return cls(grid, spacing, float(p.curvature_flow_time_step), iters, (lo, hi))
+        antialias = p.get("antialias", False)
+        require(isinstance(antialias, bool), f"prepare.antialias must be true or false, got {antialias!r}")
+        return cls(grid, spacing, float(p.curvature_flow_time_step), iters, (lo, hi), antialias)
 
     @property
     def field_of_view_mm(self) -> np.ndarray:
@@ -56,7 +59,7 @@ class PrepareSettings:
         return {"grid": list(self.grid), "spacing_mm": self.spacing_mm,
                 "curvature_flow_time_step": self.curvature_flow_time_step,
                 "curvature_flow_iterations": self.curvature_flow_iterations,
-                "percentiles": list(self.percentiles)}
+                "percentiles": list(self.percentiles), "antialias": self.antialias}
 
 
 @dataclass
@@ -156,7 +159,7 @@ def preprocess_scan(
         subject = tio.RescaleIntensity(out_min_max=(0, 1), percentiles=settings.percentiles,
                                        masking_method="mask", include=["image"])(subject)
         subject = tio.Resample(settings.spacing_mm, image_interpolation="bspline",
-                               label_interpolation="nearest")(subject)
+                               label_interpolation="nearest", antialias=settings.antialias)(subject)
         subject = tio.CropOrPad(settings.grid, padding_mode=0)(subject)
 
     out_image = subject["image"].data[0].numpy().astype(np.float32)
