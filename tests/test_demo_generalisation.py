@@ -89,6 +89,21 @@ def test_measure_half_detected_lesion():
     assert m["ratio"] == pytest.approx(3.0)
 
 
+def test_measure_within_the_field_of_view():
+    mask, seg = _cube()
+    lesioned = np.where(seg > 0, 3.0, 1.0) * mask
+    fov = np.ones(mask.shape, dtype=bool)
+    fov[:3] = False  # the first brain plane of the lesion lies outside the scored view: its map is 0 there
+    lesioned[~fov] = 0.0
+    m = bench.measure(lesioned, np.ones(mask.shape), seg, mask, fov)
+    assert m["auroc"] == pytest.approx(1.0) and m["ratio"] == pytest.approx(3.0)
+    assert m["lesion_in_fov_percent"] == pytest.approx(50.0)
+    # Over the whole brain the unscored lesion plane ties with the 100 unscored healthy voxels at 0, below the
+    # other 700: (100 * 800 + 100 * 0.5 * 100) / (200 * 800).
+    assert m["auroc_whole_brain"] == pytest.approx((100 * 800 + 100 * 0.5 * 100) / (200 * 800))
+    assert bench.measure(lesioned, np.ones(mask.shape), seg, mask)["auroc"] == pytest.approx(m["auroc_whole_brain"])
+
+
 def test_measure_needs_a_lesion_inside_the_brain():
     mask, _ = _cube()
     with pytest.raises(MhdUadError, match="lesion"):
@@ -197,7 +212,8 @@ def test_score_command_is_what_the_cli_parses(tmp_path):
 
 
 def _results(auroc=0.95, ratio=3.0):
-    contrast = {"auroc": auroc, "ap_percent": 40.0, "ratio": ratio, "pass": auroc >= 0.9 and ratio >= 2}
+    contrast = {"auroc": auroc, "ap_percent": 40.0, "ratio": ratio, "pass": auroc >= 0.9 and ratio >= 2,
+                "auroc_whole_brain": auroc - 0.05, "lesion_in_fov_percent": 90.0}
     case = {
         "dataset": "ATLAS_v2",
         "index": 0,
@@ -225,7 +241,7 @@ def test_exit_code_and_report(monkeypatch, capsys, tmp_path, auroc, check, code)
     monkeypatch.setattr(bench, "run_benchmark", fake)
     assert bench.main(["--out-dir", str(tmp_path), *(["--check"] if check else [])]) == code
     out = capsys.readouterr().out
-    assert "| case | contrast | lesion mL | AUROC | AP % | ratio | result |" in out
+    assert "| case | contrast | lesion mL | lesion in view % | AUROC | AP % | ratio | AUROC whole brain | result |" in out
     assert ("FAIL" in out) == (auroc < 0.9)
     assert ("TARGETS FAILED: stroke T1, stroke T2" in out) == (auroc < 0.9)
     assert json.loads((tmp_path / "demo_generalisation.json").read_text())["cases"]["stroke"]["index"] == 0
