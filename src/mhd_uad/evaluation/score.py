@@ -5,6 +5,7 @@ No DVC stage runs this module: editing it re-runs nothing.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,15 @@ from mhd_uad.errors import ConfigError, MhdUadError
 from mhd_uad.io import load_nifti, save_nifti
 from mhd_uad.models.checkpoint import cddpm_path, checkpoint_modality, load_cddpm
 from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
+
+log = logging.getLogger(__name__)
+
+
+def field_of_view(prepared) -> np.ndarray:
+    """Bool mask on the source scan's grid of the voxels the model scores: the footprint of the prepared grid
+    (the profile's centred field of view, e.g. 192 x 192 x 96 mm for the demo). Maps are 0 outside it, and
+    the evaluate stage's metrics cover only it, as the original's do (its 192 x 192 x 100 mm crop)."""
+    return to_source_space(np.ones(prepared.image.shape, dtype=np.float32), prepared.geometry) > 0.5
 
 
 def _checkpoints_and_modality(params, modality: str | None, checkpoints, root: Path) -> tuple[list[Path], str]:
@@ -55,8 +65,14 @@ def score_scan(params, scan: str | Path, mask: str | Path, out: str | Path, *, m
         release_device_memory()
     amap = to_source_space(total, prepared.geometry, prepared.source_brain)
     save_nifti(out, amap, prepared.geometry.source_affine, dtype=np.float32)
+    brain = prepared.source_brain
+    outside = 100.0 * float((brain & ~field_of_view(prepared)).sum()) / max(int(brain.sum()), 1)
+    if outside >= 1.0:
+        fov = " x ".join(f"{v:g}" for v in PrepareSettings.from_params(params).field_of_view_mm)
+        log.warning("%.0f %% of the brain of %s lies outside the model's %s mm field of view: not scored "
+                    "(the map is 0 there)", outside, Path(scan).name, fov)
     result = {"map": str(out), "modality": modality, "checkpoints": [str(c) for c in checkpoints],
-              "max_score": float(amap.max())}
+              "max_score": float(amap.max()), "brain_outside_field_of_view_percent": round(outside, 1)}
     if out_mask is not None:
         lesion = (amap > float(threshold)).astype(np.uint8)
         save_nifti(out_mask, lesion, prepared.geometry.source_affine, dtype=np.uint8)
