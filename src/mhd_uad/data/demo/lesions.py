@@ -1,10 +1,9 @@
 """Lesions (demo-data.md §4.2) and healthy distractors (§4.1.4), painted as soft fraction maps.
 
 Soft painting helpers (ellipsoids, softened binaries, region growing); the healthy distractors every subject
-gets (perivascular spaces, periventricular caps, choroid plexus, flow voids, wider sulci, the
-subarachnoid CSF a skull-strip mask keeps); and one planner
-per lesion type: `plan_*` draws the lesion before the final warp and returns a `LesionPlan` whose painter
-edits the tissue model of the warped subject.
+gets (perivascular spaces, periventricular caps, choroid plexus, flow voids, wider sulci, the subarachnoid
+CSF a skull-strip mask keeps); and one planner per lesion type: `plan_*` draws the lesion before the final
+warp and returns a `LesionPlan` whose painter edits the tissue model of the warped subject.
 """
 
 from __future__ import annotations
@@ -185,7 +184,6 @@ def widen_sulci(rng: np.random.Generator, anat: SubjectAnatomy, age: float = 50.
     ch[CSF] += moved
 
 
-
 def subarachnoid_thickness_mm(age: float) -> float:
     """Mean thickness of the CSF between the cortex and the inner skull: about 1 mm at 20 years, 3-4 mm at
     80 [approximate: the brain-to-skull distance of adult MRI grows with atrophy]."""
@@ -212,6 +210,7 @@ def add_subarachnoid_csf(rng: np.random.Generator, anat: SubjectAnatomy, age: fl
     ch[CSF] += added
     ch[T1] += added * tissue_ratios(T1wSequence())["csf"]
     ch[MASK] = mask
+
 
 # ---------------------------------------------------------------------------------------------------
 # Lesions (demo-data.md §4.2)
