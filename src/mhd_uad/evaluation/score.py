@@ -53,7 +53,8 @@ def score_scan(params, scan: str | Path, mask: str | Path, out: str | Path, *, m
         raise MhdUadError("--threshold and --out-mask go together")
     checkpoints, modality = _checkpoints_and_modality(params, modality, checkpoints, Path(root))
     settings = MhdSettings.from_params(params)
-    prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(params))
+    prepare = PrepareSettings.from_params(params)
+    prepared = preprocess_scan(scan, mask, None, prepare)
     device = select_device(params)
     total = np.zeros(prepared.image.shape, dtype=np.float32)
     for ckpt in checkpoints:
@@ -68,7 +69,7 @@ def score_scan(params, scan: str | Path, mask: str | Path, out: str | Path, *, m
     brain = prepared.source_brain
     outside = 100.0 * float((brain & ~field_of_view(prepared)).sum()) / max(int(brain.sum()), 1)
     if outside >= 1.0:
-        fov = " x ".join(f"{v:g}" for v in PrepareSettings.from_params(params).field_of_view_mm)
+        fov = " x ".join(f"{v:g}" for v in prepare.field_of_view_mm)
         log.warning("%.0f %% of the brain of %s lies outside the model's %s mm field of view: not scored "
                     "(the map is 0 there)", outside, Path(scan).name, fov)
     result = {"map": str(out), "modality": modality, "checkpoints": [str(c) for c in checkpoints],

@@ -180,8 +180,9 @@ def simulate_subject(
     """Generate one subject of `dataset` on the working grid (no I/O), from one base or a drawn one.
 
     `warp=False` renders the base anatomy as it is (no affine, elastic or atrophy warp, no added subarachnoid
-    CSF: the generalisation benchmark's held-out anatomy, whose mask keeps its own); `lesion=False` leaves out the set's lesion and keeps every other draw,
-    so the pair (lesion=True, lesion=False) differs only by the lesion (and its mass effect).
+    CSF: the generalisation benchmark's held-out anatomy, whose mask keeps its own); `lesion=False` leaves
+    out the set's lesion and keeps every other draw, so the pair (lesion=True, lesion=False) differs only by
+    the lesion (and its mass effect).
     """
     lesion_type = DATASETS[dataset][4] if lesion else "none"
     contrasts = tuple(contrasts or DATASETS[dataset][3])
