@@ -11,6 +11,10 @@ reports/demo_stage_times.{json,md}:
     python benchmarks/demo_stage_times.py --readme README.md   # also fill the README's timing block
 
 The sum of the rows is `make demo` end to end, DVC's own bookkeeping included (hashing, dvc.lock).
+Shared machines drift in speed from hour to hour, so before and after the demo it also times a reference:
+one bf16 training step of the demo cDDPM (16 slices of 64², forward, backward and Adam; the median of 10,
+each after a warm-up step; benchmarks/train_throughput.py). Two runs compare through their totals divided by
+their reference steps.
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from machine import cpu_name
 from mhd_uad.evaluation.report import readme_block_from
 from mhd_uad.io import atomic_write_text
+from train_throughput import measure as time_train_step
 
 README_START = ("<!-- demo-stage-times:start (written by `benchmarks/demo_stage_times.py --readme README.md`; "
                 "do not edit) -->")
@@ -50,6 +58,12 @@ def _run(cmd: list[str], cwd: Path) -> float:
         sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
         raise SystemExit(f"demo_stage_times: `{' '.join(cmd)}` failed with exit code {done.returncode}")
     return seconds
+
+
+def reference_step() -> float:
+    """Median seconds of one bf16 demo training step at batch 16 on the CPU: this machine's speed right now."""
+    return statistics.median(time_train_step("demo", "bf16", 16, 1, 1, torch.device("cpu"))["step_s"]
+                             for _ in range(10))
 
 
 def stage_names(root: Path, dvc: list[str]) -> list[str]:
@@ -82,10 +96,14 @@ def measure(root: Path, regenerate: bool) -> list[dict]:
     return steps
 
 
-def summarise(steps: list[dict]) -> dict:
+def summarise(steps: list[dict], reference: tuple[float, float]) -> dict:
     totals = {g: round(sum(s["seconds"] for s in steps if s["group"] == g), 1) for g in GROUPS}
+    total = round(sum(s["seconds"] for s in steps), 1)
+    ref = sum(reference) / 2
     return {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
-            "steps": steps, "groups": totals, "total_seconds": round(sum(s["seconds"] for s in steps), 1)}
+            "steps": steps, "groups": totals, "total_seconds": total,
+            "reference_step_s": {"before": round(reference[0], 4), "after": round(reference[1], 4)},
+            "total_in_reference_steps": round(total / ref)}
 
 
 def markdown(report: dict) -> str:
@@ -99,6 +117,10 @@ def markdown(report: dict) -> str:
         seconds = report["groups"][group]
         lines.append(f"| {group} | {seconds:.0f} | {100 * seconds / total:.0f} % |")
     lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | |")
+    ref = report["reference_step_s"]
+    lines += ["", f"Reference step of this machine (one bf16 demo training step at batch 16, median of 10): "
+              f"{ref['before']:.3f} s before the run, {ref['after']:.3f} s after; the total is "
+              f"{report['total_in_reference_steps']} reference steps."]
     lines += ["", "<details><summary>Every stage</summary>", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| `{s['step']}` | {s['seconds']:.1f} |" for s in report["steps"]]
     lines += ["", "</details>", ""]
@@ -115,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     if not (root / "dvc.yaml").is_file():
         raise SystemExit(f"demo_stage_times: {root} has no dvc.yaml: run it in the repository")
-    report = summarise(measure(root, args.regenerate))
+    before = reference_step()
+    print(f"reference step before: {before:.3f} s", flush=True)
+    steps = measure(root, args.regenerate)
+    after = reference_step()
+    print(f"reference step after: {after:.3f} s", flush=True)
+    report = summarise(steps, (before, after))
     out_dir = args.out_dir or root / "reports"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "demo_stage_times.json", json.dumps(report, indent=1) + "\n")

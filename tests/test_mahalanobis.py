@@ -143,6 +143,21 @@ def test_numpy_and_torch_inputs():
     assert isinstance(dense_t, torch.Tensor)
 
 
+def test_read_only_inputs_such_as_memmap_slices_are_neither_written_nor_warned_about(tmp_path):
+    import warnings
+
+    rng = np.random.default_rng(6)
+    x, recos = _structured_case(rng)
+    mask = _masks(rng, *x.shape)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")  # read-only, as the prepared sets are opened
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "The given NumPy array is not writable" would fail here
+        out = pixelwise_mahalanobis(mapped, recos, mask)
+    np.testing.assert_array_equal(out, pixelwise_mahalanobis(x, recos, mask))
+    np.testing.assert_array_equal(np.asarray(mapped), x)
+
+
 def test_mask_none_means_every_pixel():
     rng = np.random.default_rng(6)
     x, recos = _structured_case(rng, s=2)

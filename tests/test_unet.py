@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mhd_uad.errors import ConfigError
-from mhd_uad.models.unet import AttentionBlock, UNet, count_parameters, timestep_embedding
+from mhd_uad.models.unet import AttentionBlock, GroupNormFP32, UNet, count_parameters, timestep_embedding
 
 PAPER = dict(
     image_size=96,
@@ -217,6 +217,23 @@ def test_bf16_autocast_forward():
             low = model(x, t, c)
     assert torch.isfinite(low).all()
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1000.0])
+def test_cpu_bf16_group_norm_keeps_fp32_statistics_without_the_casts(scale):
+    torch.manual_seed(0)
+    norm = GroupNormFP32(8, 48)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(4, 48, 16, 16) * scale + 3 * scale).bfloat16()  # a large mean: bf16 sums would lose it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    ref = nn.GroupNorm.forward(norm, x.float()).bfloat16()  # the fp32 path every other input takes
+    assert out.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1.0)
+    assert ((out.float() - ref.float()).abs() <= ulp).all()
+    half = torch.randn(2, 48, 4, 4).half()
+    assert norm(half).dtype == torch.float16  # fp16 still goes through fp32 and back
 
 
 def test_timestep_embedding_cos_then_sin():

