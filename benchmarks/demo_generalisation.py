@@ -24,7 +24,11 @@ case and contrast it reports:
 - ratio: mean map inside the lesion in the lesioned scan / mean map at the same voxels in the healthy twin's
   map, both inside the field of view (target >= 2);
 - AP (average precision, %) over the same voxels, the whole-brain AUROC (voxels outside the view at 0) and
-  the share of the lesion inside the view, for information.
+  the share of the lesion inside the view, for information;
+- how well the models keep contrast, on the healthy twin: the mean of its N reconstructions minus the scan,
+  on the model's grid and [0, 1] scale, over the brain voxels the scan has bright (>= 0.9) and dark (< 0.3).
+  A model that keeps contrast has both near 0; one that pulls it toward the mean has the bright negative
+  and the dark positive, and its map is then highest over the brightest tissue in any scan.
 
     python benchmarks/demo_generalisation.py [--seed 0] [--out-dir reports] [--work DIR]
         [--checkpoint-dir models] [--override KEY=VALUE ...] [--check]
@@ -223,6 +227,29 @@ def scored_field_of_view(scan: Path, mask: Path, overrides: list[str] | None) ->
     return field_of_view(preprocess_scan(scan, mask, None, PrepareSettings.from_params(params)))
 
 
+def reconstruction_bias(scan: Path, mask: Path, modality: str, checkpoints: list[Path],
+                        overrides: list[str] | None) -> dict:
+    """Mean reconstruction minus scan over the brain voxels >= 0.9 ("bright") and < 0.3 ("dark"), on the
+    model's grid and [0, 1] scale: the scan preprocessed as `mhd-uad score` does, reconstructed N times with
+    `score`'s seeds by each checkpoint, the checkpoints' means averaged as `score` averages their maps."""
+    from mhd_uad.config import load_params
+    from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
+    from mhd_uad.models.checkpoint import load_cddpm
+    from mhd_uad.models.inference import MhdSettings, reconstruct_volume
+
+    params = load_params(list(overrides or []), REPO)
+    prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(params))
+    settings = MhdSettings.from_params(params)
+    mean = np.zeros(prepared.image.shape, dtype=np.float64)
+    for ckpt in checkpoints:
+        model, _ = load_cddpm(params, ckpt, modality)
+        mean += reconstruct_volume(model, prepared.image, settings, Path(scan).name).mean(axis=0) / len(checkpoints)
+    image, brain = prepared.image, prepared.mask > 0.5
+    diff = mean - image
+    return {"bias_bright": float(diff[brain & (image >= 0.9)].mean()),
+            "bias_dark": float(diff[brain & (image < 0.3)].mean())}
+
+
 def passes(m: dict) -> bool:
     return m["auroc"] >= TARGETS["auroc"] and m["ratio"] >= TARGETS["ratio"]
 
@@ -305,6 +332,8 @@ def run_benchmark(
             }
             for c in CONTRASTS:
                 m = measure(maps["lesioned"][c], maps["healthy"][c], seg, mask, fov)
+                m.update(reconstruction_bias(files["healthy"][c], files["healthy"]["mask"], c, checkpoints[c],
+                                             overrides))
                 entry["contrasts"][c] = {**{k: round(v, 4) for k, v in m.items()}, "pass": passes(m)}
             results["cases"][case] = entry
     results["seconds"] = {k: round(v, 1) for k, v in results["seconds"].items()}
@@ -321,17 +350,20 @@ def markdown(results: dict) -> str:
         f"targets AUROC >= {t['auroc']:g}, ratio >= {t['ratio']:g}.",
         "AUROC, AP and ratio over the brain inside the field of view the models score (the profile's centred "
         "crop, which the evaluate stage's metrics cover too); whole-brain AUROC counts the voxels outside it "
-        "at their map value, 0.",
+        "at their map value, 0. Reco − scan: the healthy twin's mean reconstruction minus the scan over its "
+        "brain voxels >= 0.9 / < 0.3 ([0, 1] scale, model grid); near 0 when the model keeps contrast.",
         "",
-        "| case | contrast | lesion mL | lesion in view % | AUROC | AP % | ratio | AUROC whole brain | result |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| case | contrast | lesion mL | lesion in view % | AUROC | AP % | ratio | AUROC whole brain "
+        "| reco − scan, bright / dark | result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for case, e in results["cases"].items():
         for c, r in e["contrasts"].items():
             lines.append(
                 f"| {case} ({e['dataset']} #{e['index']}) | {c.upper()} | {e['lesion_ml']:.1f} | "
                 f"{r['lesion_in_fov_percent']:.0f} | {r['auroc']:.3f} | {r['ap_percent']:.1f} | {r['ratio']:.2f} | "
-                f"{r['auroc_whole_brain']:.3f} | {'pass' if r['pass'] else 'FAIL'} |"
+                f"{r['auroc_whole_brain']:.3f} | {r['bias_bright']:+.3f} / {r['bias_dark']:+.3f} | "
+                f"{'pass' if r['pass'] else 'FAIL'} |"
             )
     s = results["seconds"]
     lines += ["", f"Render {s['render']:.0f} s, score {s['score']:.0f} s."]

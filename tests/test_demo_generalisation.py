@@ -181,6 +181,28 @@ def test_write_pair_writes_both_twins_on_one_grid(coarse_base, tmp_path):
         np.testing.assert_allclose(affine, pair.affine)
 
 
+def test_reconstruction_bias_reads_contrast_shrinkage_on_the_model_grid(coarse_base, tmp_path, monkeypatch):
+    """A stand-in model that halves contrast about 0.5: bright voxels (>= 0.9) come back darker by half their
+    distance from 0.5 (at least 0.2), dark ones (< 0.3) brighter by at least 0.1; two checkpoints averaged."""
+    import mhd_uad.models.checkpoint as checkpoint
+    import mhd_uad.models.inference as inference
+
+    pair = bench.render_pair(coarse_base, "stroke", seed=0)
+    files = bench.write_pair(pair, tmp_path)
+    calls = []
+
+    def shrink(model, image, settings, scan, device="cpu"):
+        calls.append((model, scan))
+        return np.stack([0.5 + 0.5 * (image - 0.5)] * 3).astype(np.float32)
+
+    monkeypatch.setattr(checkpoint, "load_cddpm", lambda params, ckpt, modality: (f"{modality}:{ckpt}", {}))
+    monkeypatch.setattr(inference, "reconstruct_volume", shrink)
+    out = bench.reconstruction_bias(files["healthy"]["t1"], files["healthy"]["mask"], "t1",
+                                    [Path("a.ckpt"), Path("b.ckpt")], None)
+    assert [m for m, _ in calls] == ["t1:a.ckpt", "t1:b.ckpt"] and calls[0][1] == "healthy_t1.nii.gz"
+    assert -0.25 <= out["bias_bright"] <= -0.2 and 0.1 <= out["bias_dark"] <= 0.25
+
+
 # --- the score command, the report, exit codes ----------------------------------------------------------------
 
 
@@ -213,7 +235,8 @@ def test_score_command_is_what_the_cli_parses(tmp_path):
 
 def _results(auroc=0.95, ratio=3.0):
     contrast = {"auroc": auroc, "ap_percent": 40.0, "ratio": ratio, "pass": auroc >= 0.9 and ratio >= 2,
-                "auroc_whole_brain": auroc - 0.05, "lesion_in_fov_percent": 90.0}
+                "auroc_whole_brain": auroc - 0.05, "lesion_in_fov_percent": 90.0, "bias_bright": -0.125,
+                "bias_dark": 0.05}
     case = {
         "dataset": "ATLAS_v2",
         "index": 0,
@@ -241,7 +264,9 @@ def test_exit_code_and_report(monkeypatch, capsys, tmp_path, auroc, check, code)
     monkeypatch.setattr(bench, "run_benchmark", fake)
     assert bench.main(["--out-dir", str(tmp_path), *(["--check"] if check else [])]) == code
     out = capsys.readouterr().out
-    assert "| case | contrast | lesion mL | lesion in view % | AUROC | AP % | ratio | AUROC whole brain | result |" in out
+    assert ("| case | contrast | lesion mL | lesion in view % | AUROC | AP % | ratio | AUROC whole brain "
+            "| reco − scan, bright / dark | result |") in out
+    assert "| -0.125 / +0.050 |" in out
     assert ("FAIL" in out) == (auroc < 0.9)
     assert ("TARGETS FAILED: stroke T1, stroke T2" in out) == (auroc < 0.9)
     assert json.loads((tmp_path / "demo_generalisation.json").read_text())["cases"]["stroke"]["index"] == 0
