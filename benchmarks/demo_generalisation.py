@@ -235,15 +235,16 @@ def reconstruction_bias(scan: Path, mask: Path, modality: str, checkpoints: list
     from mhd_uad.config import load_params
     from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
     from mhd_uad.models.checkpoint import load_cddpm
-    from mhd_uad.models.inference import MhdSettings, reconstruct_volume
+    from mhd_uad.models.inference import MhdSettings, reconstruct_volume, select_device
 
     params = load_params(list(overrides or []), REPO)
     prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(params))
-    settings = MhdSettings.from_params(params)
+    settings, device = MhdSettings.from_params(params), select_device(params)  # the device `score` runs on
     mean = np.zeros(prepared.image.shape, dtype=np.float64)
     for ckpt in checkpoints:
         model, _ = load_cddpm(params, ckpt, modality)
-        mean += reconstruct_volume(model, prepared.image, settings, Path(scan).name).mean(axis=0) / len(checkpoints)
+        recos = reconstruct_volume(model.to(device), prepared.image, settings, Path(scan).name, device)
+        mean += recos.mean(axis=0) / len(checkpoints)
     image, brain = prepared.image, prepared.mask > 0.5
     diff = mean - image
     return {"bias_bright": float(diff[brain & (image >= 0.9)].mean()),

@@ -195,7 +195,11 @@ def test_reconstruction_bias_reads_contrast_shrinkage_on_the_model_grid(coarse_b
         calls.append((model, scan))
         return np.stack([0.5 + 0.5 * (image - 0.5)] * 3).astype(np.float32)
 
-    monkeypatch.setattr(checkpoint, "load_cddpm", lambda params, ckpt, modality: (f"{modality}:{ckpt}", {}))
+    class Model(str):
+        def to(self, device):
+            return self
+
+    monkeypatch.setattr(checkpoint, "load_cddpm", lambda params, ckpt, modality: (Model(f"{modality}:{ckpt}"), {}))
     monkeypatch.setattr(inference, "reconstruct_volume", shrink)
     out = bench.reconstruction_bias(files["healthy"]["t1"], files["healthy"]["mask"], "t1",
                                     [Path("a.ckpt"), Path("b.ckpt")], None)
