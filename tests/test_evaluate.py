@@ -59,13 +59,13 @@ def evaluated(tiny_model, tmp_path_factory):
         raise
     quirks = _published_quirks(root, params)
     scored = []
-    original = evaluate.score_volume
+    original = evaluate.reconstruct_scan
 
-    def counting(model, image, mask, settings, scan, *args, **kwargs):
+    def counting(model, image, settings, scan, *args, **kwargs):
         scored.append(scan)
-        return original(model, image, mask, settings, scan, *args, **kwargs)
+        return original(model, image, settings, scan, *args, **kwargs)
 
-    mp.setattr(evaluate, "score_volume", counting)
+    mp.setattr(evaluate, "reconstruct_scan", counting)
     try:
         out = evaluate.run_evaluate(params, "MSLUB", root)
     finally:
@@ -142,6 +142,30 @@ def test_each_scan_is_scored_once_per_fold_and_the_gallery_needs_no_second_pass(
     _, metrics, scored, _ = evaluated
     volumes = metrics["volumes"]
     assert len(scored) == (volumes["n_val"] + volumes["n_test"]) * volumes["n_folds"]
+
+
+def test_cpu_threads_beside_the_device_write_what_one_thread_writes(evaluated, tmp_path, monkeypatch):
+    """evaluate.workers = 2: maps and metrics in CPU threads while the next scan is reconstructed
+    (evaluation.overlap), recorded in the list's order: the same files, byte for byte."""
+    root = copy_project(evaluated[0], tmp_path / "threads")
+    healthy.write_thresholds(healthy.thresholds_path(root, "t2", 0), evaluated[3]["thresholds"])  # as evaluated
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    seen = []
+    original = evaluate.overlapped
+
+    def spy(items, device_step, cpu_step, workers, device=None):
+        seen.append(workers)
+        return original(items, device_step, cpu_step, workers, device)
+
+    monkeypatch.setattr(evaluate, "overlapped", spy)
+    evaluate.run_evaluate(shrunk_params("datasets.MSLUB.ignore_labels=[2]", "evaluate.workers=2"), "MSLUB", root)
+    assert seen and set(seen) == {2}
+    for name in ("metrics/MSLUB.json", "metrics/MSLUB_per_volume.csv", "plots/MSLUB/pr_mhd.csv"):
+        assert (root / name).read_bytes() == (evaluated[0] / name).read_bytes(), name
+    for path in sorted((evaluated[0] / "artifacts" / "maps" / "MSLUB").glob("*.nii.gz")):
+        np.testing.assert_array_equal(load_nifti(root / "artifacts" / "maps" / "MSLUB" / path.name)[0],
+                                      load_nifti(path)[0])
 
 
 def test_a_lesion_outside_the_grid_is_counted_and_ignored_labels_count_nowhere(evaluated):

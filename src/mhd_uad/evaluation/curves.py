@@ -24,11 +24,19 @@ class ScoreHistogram:
         self.pos = np.zeros(len(HIST_EDGES), dtype=np.int64)
         self.neg = np.zeros(len(HIST_EDGES), dtype=np.int64)
 
-    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
+    @staticmethod
+    def counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One volume's (lesion, background) counts per bin, as `add` adds them."""
         idx = np.clip(np.searchsorted(HIST_EDGES, scores.ravel(), side="right") - 1, 0, len(HIST_EDGES) - 1)
         lab = labels.ravel()
-        self.pos += np.bincount(idx[lab], minlength=len(HIST_EDGES))
-        self.neg += np.bincount(idx[~lab], minlength=len(HIST_EDGES))
+        return np.bincount(idx[lab], minlength=len(HIST_EDGES)), np.bincount(idx[~lab], minlength=len(HIST_EDGES))
+
+    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        self.add_counts(*self.counts(scores, labels))
+
+    def add_counts(self, pos: np.ndarray, neg: np.ndarray) -> None:
+        self.pos += pos
+        self.neg += neg
 
 
 def pr_curve_from_histograms(pos: np.ndarray, neg: np.ndarray, points: int) -> list[tuple[float, float, float]]:

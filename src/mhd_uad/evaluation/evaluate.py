@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,11 +62,18 @@ from mhd_uad.evaluation.metrics import (
     per_volume_auprc,
     per_volume_auroc,
 )
+from mhd_uad.evaluation.overlap import evaluation_workers, overlapped
 from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shared_folder, unstash
 from mhd_uad.evaluation.significance import paired_comparison
 from mhd_uad.io import atomic_path, atomic_write_text, save_nifti
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
-from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
+from mhd_uad.models.inference import (
+    MhdSettings,
+    reconstruct_scan,
+    release_device_memory,
+    scan_maps,
+    select_device,
+)
 from mhd_uad.scoring.anomaly_maps import CONNECTED_COMPONENT_SCORERS, connected_component_filter
 from mhd_uad.scoring.diagnostics import map_correlation
 from mhd_uad.tracking import log_evaluation
@@ -176,18 +184,38 @@ class MapStore:
                     path.unlink(missing_ok=True)
 
 
+def scored_scans(model, ev: EvaluationSet, items: list[tuple[int, int]], settings: MhdSettings, device,
+                 cpu_step, workers: int = 0, desc: str = "") -> Iterator:
+    """cpu_step(i, pos, image, mask, seg, recos, ens) for each (i, pos) of `items`, in their order: the device
+    reconstructs each scan in turn (`reconstruct_scan`) while `workers` CPU threads run the CPU steps of the
+    scans before it (evaluation.overlap; inline with 0 workers)."""
+    ensemble = "cddpm" in settings.scorers
+
+    def device_step(item):
+        i, pos = item
+        image, mask, seg = ev.volume(pos)
+        return image, mask, seg, *reconstruct_scan(model, image, settings, ev.prepared.names[pos], device, ensemble)
+
+    def finish(item, made):
+        return cpu_step(*item, *made)
+
+    return tqdm(overlapped(items, device_step, finish, workers, device), total=len(items), desc=desc, unit="scan")
+
+
 def val_thresholds(model, ev: EvaluationSet, settings: MhdSettings, device, steps: int, fold: int,
-                   shard: Shard = SINGLE, work: Path | None = None) -> dict[str, ScorerFold]:
+                   shard: Shard = SINGLE, work: Path | None = None, workers: int = 0) -> dict[str, ScorerFold]:
     """Each scorer's Dice-optimal threshold on the pooled voxels of the val split (method.md §6); under
     torchrun each rank scores its share of the scans, and rank 0 searches on all of them in the list's order."""
-    mine = []
-    for i, pos in tqdm(shard.mine(ev.val_pos), desc=f"{ev.dataset} fold {fold} val", unit="scan"):
-        image, mask, seg = ev.volume(pos)
+
+    def counted_voxels(i, pos, image, mask, seg, recos, ens):
         lesion, valid = ev.truth(seg)
-        maps, _ = score_volume(model, image, mask, settings, ev.prepared.names[pos], device)
+        maps, _ = scan_maps(image, mask, recos, ens, settings)
         counted = {s: _counted(maps[s], valid).ravel() for s in settings.scorers}
         counted[LABELS] = _counted(lesion, valid).ravel()
-        mine.append((i, shard.stash(Path(work or ".") / f"val_fold{fold}_{i:06d}.npz", counted)))
+        return i, shard.stash(Path(work or ".") / f"val_fold{fold}_{i:06d}.npz", counted)
+
+    mine = list(scored_scans(model, ev, shard.mine(ev.val_pos), settings, device, counted_voxels, workers,
+                             f"{ev.dataset} fold {fold} val"))
     scans = shard.gather_in_order(mine)
     found = None
     if shard.main:
@@ -206,62 +234,121 @@ def _predict(scorer: str, amap: np.ndarray, threshold: float) -> np.ndarray:
     return connected_component_filter(pred) if scorer in CONNECTED_COMPONENT_SCORERS else pred
 
 
+@dataclass
+class VolumeScores:
+    """One scorer on one test volume: what the fold's results and pooled counts take of it."""
+
+    auprc: float
+    auroc: float
+    dice: float
+    dice_oracle: float
+    dice_fpr: dict[str, float]
+    table: tuple[np.ndarray, np.ndarray, np.ndarray]  # ScoreCounts.table of its counted voxels
+    histogram: tuple[np.ndarray, np.ndarray] | None = None  # ScoreHistogram.counts, when kept
+
+
+def conventions(r: ScorerFold, scorer: str, amap: np.ndarray, valid: np.ndarray | None, truth: np.ndarray,
+                steps: int) -> tuple[float, dict[str, float], tuple]:
+    """One test volume's part in the field's other conventions: its oracle Dice (the interval search on this
+    volume alone; nan without a lesion voxel), its Dice at each healthy-FPR threshold of `r` (predicted as for
+    the val threshold) and the table of its counted voxels (the whole grid, as for the per-volume metrics)
+    for the pooled counts."""
+    scores = _counted(amap, valid)
+    oracle = find_best_threshold(scores, truth, steps=steps).dice if truth.any() else np.nan
+    fpr = {key: dice(_counted(_predict(scorer, amap, t), valid), truth) for key, t in r.fpr_thresholds.items()}
+    return oracle, fpr, ScoreCounts.table(scores, truth)
+
+
+def _record_conventions(r: ScorerFold, counts: ScoreCounts, oracle: float, fpr: dict[str, float], table) -> None:
+    counts.add_counts(*table)
+    r.dice_oracle.append(oracle)
+    for key, value in fpr.items():
+        r.dice_fpr.setdefault(key, []).append(value)
+
+
 def volume_conventions(r: ScorerFold, scorer: str, amap: np.ndarray, valid: np.ndarray | None, truth: np.ndarray,
                        counts: ScoreCounts, steps: int) -> None:
-    """One test volume's part in the field's other conventions: its counted voxels (the whole grid, as for the
-    per-volume metrics) join the pooled counts; its oracle Dice (the interval search on this volume alone; nan without a lesion voxel)
-    and its Dice at each healthy-FPR threshold (predicted as for the val threshold) are appended."""
+    """`conventions` of one test volume, appended to `r` and pooled into `counts`."""
+    _record_conventions(r, counts, *conventions(r, scorer, amap, valid, truth, steps))
+
+
+def volume_scores(r: ScorerFold, scorer: str, amap: np.ndarray, valid: np.ndarray | None, truth: np.ndarray,
+                  steps: int, histogram: bool) -> VolumeScores:
+    """Everything one scorer's map of one test volume adds to its fold's results (reads `r`'s thresholds,
+    changes nothing: safe in a CPU thread beside others)."""
     scores = _counted(amap, valid)
-    counts.add(scores, truth)
-    r.dice_oracle.append(find_best_threshold(scores, truth, steps=steps).dice if truth.any() else np.nan)
-    for key, threshold in r.fpr_thresholds.items():
-        r.dice_fpr.setdefault(key, []).append(dice(_counted(_predict(scorer, amap, threshold), valid), truth))
+    # a lesion outside the grid: AP/AUROC undefined (left out of the means), Dice still counted
+    auprc = per_volume_auprc(scores, truth) if truth.any() else np.nan
+    auroc = per_volume_auroc(scores, truth) if truth.any() else np.nan
+    hist = ScoreHistogram.counts(scores, truth) if histogram else None
+    return VolumeScores(auprc, auroc, dice(_counted(_predict(scorer, amap, r.threshold), valid), truth),
+                        *conventions(r, scorer, amap, valid, truth, steps), hist)
+
+
+@dataclass
+class ScannedVolume:
+    """A test scan's results, made in a CPU thread, recorded in the list's order."""
+
+    index: int
+    row: dict
+    scores: dict[str, VolumeScores]
+    mhd: np.ndarray
+    reconstruction: np.ndarray
+    diagnostics: dict | None
 
 
 def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: int, results: dict[str, ScorerFold],
                  store: MapStore, n_folds: int, histograms: dict[str, ScoreHistogram] | None,
-                 threshold_steps: int = 10, diagnostics: list[dict] | None = None, work: Path | None = None
-                 ) -> list[dict]:
+                 threshold_steps: int = 10, diagnostics: list[dict] | None = None, work: Path | None = None,
+                 workers: int = 0) -> list[dict]:
     """Per-volume metrics of every scorer on the test split (appended to `results`); returns the CSV rows.
 
     The mhd map adds to the fold mean; with `histograms` (the first fold) the PR histograms and the
     gallery's maps and reconstructions are kept too. The fold's pooled AUPRC/AUROC are set at the end. With
     `diagnostics`, each volume's covariance diagnostics are appended (scoring.diagnostics). Under torchrun
     each rank scores its share and rank 0 ends with every scan's results in the list's order
-    (`merge_test_fold`; the other ranks return no rows)."""
+    (`merge_test_fold`; the other ranks return no rows). With `workers`, the maps and metrics of a scan are
+    made in CPU threads while the device reconstructs the next (evaluation.overlap); they are recorded here
+    in the list's order, so the results are those of one thread."""
     shard = store.shard
     rows, indices, diags = [], [], [] if diagnostics is not None else None
     counts = {s: ScoreCounts() for s in settings.scorers}
     hist = histograms  # under torchrun: this rank's, summed into `histograms` on rank 0
     if histograms is not None and shard.world > 1:
         hist = {s: ScoreHistogram() for s in histograms}
-    for i, pos in tqdm(shard.mine(ev.test_pos), desc=f"{ev.dataset} fold {fold} test", unit="scan"):
-        image, mask, seg = ev.volume(pos)
+
+    def scan(i, pos, image, mask, seg, recos, ens) -> ScannedVolume:
         lesion, valid = ev.truth(seg)
         truth = _counted(lesion, valid)
         diag = {} if diags is not None else None
-        maps, reco_mean = score_volume(model, image, mask, settings, ev.prepared.names[pos], device, diagnostics=diag)
-        if diag is not None:
-            if "nocov" in maps:
-                diag["corr_mhd_nocov"] = map_correlation(maps["mhd"], maps["nocov"], mask)
-            diags.append(diag)
-        slot = shard.slot(i)
-        store.fold_mean[slot] += maps["mhd"] / n_folds
-        if hist is not None:
-            store.first_mhd[slot], store.first_reco[slot] = maps["mhd"], reco_mean
+        maps, reco_mean = scan_maps(image, mask, recos, ens, settings, diagnostics=diag)
+        if diag is not None and "nocov" in maps:
+            diag["corr_mhd_nocov"] = map_correlation(maps["mhd"], maps["nocov"], mask)
+        scores = {s: volume_scores(results[s], s, maps[s], valid, truth, threshold_steps, hist is not None)
+                  for s in settings.scorers}
         row = {"fold": fold, "scan": ev.prepared.names[pos], "lesion_voxels": int(truth.sum())}
-        for s in settings.scorers:
-            r, scores = results[s], _counted(maps[s], valid)
-            # a lesion outside the grid: AP/AUROC undefined (left out of the means), Dice still counted
-            r.auprc.append(per_volume_auprc(scores, truth) if truth.any() else np.nan)
-            r.auroc.append(per_volume_auroc(scores, truth) if truth.any() else np.nan)
-            r.dice.append(dice(_counted(_predict(s, maps[s], r.threshold), valid), truth))
-            volume_conventions(r, s, maps[s], valid, truth, counts[s], threshold_steps)
+        for s, v in scores.items():
+            row[f"{s}_auprc"], row[f"{s}_auroc"], row[f"{s}_dice"] = v.auprc, v.auroc, v.dice
+        return ScannedVolume(i, row, scores, maps["mhd"], reco_mean, diag)
+
+    for done in scored_scans(model, ev, shard.mine(ev.test_pos), settings, device, scan, workers,
+                             f"{ev.dataset} fold {fold} test"):
+        if diags is not None:
+            diags.append(done.diagnostics)
+        slot = shard.slot(done.index)
+        store.fold_mean[slot] += done.mhd / n_folds
+        if hist is not None:
+            store.first_mhd[slot], store.first_reco[slot] = done.mhd, done.reconstruction
+        for s, v in done.scores.items():
+            r = results[s]
+            r.auprc.append(v.auprc)
+            r.auroc.append(v.auroc)
+            r.dice.append(v.dice)
+            _record_conventions(r, counts[s], v.dice_oracle, v.dice_fpr, v.table)
             if hist is not None:
-                hist[s].add(scores, truth)
-            row[f"{s}_auprc"], row[f"{s}_auroc"], row[f"{s}_dice"] = r.auprc[-1], r.auroc[-1], r.dice[-1]
-        rows.append(row)
-        indices.append(i)
+                hist[s].add_counts(*v.histogram)
+        rows.append(done.row)
+        indices.append(done.index)
     if shard.world > 1:
         store.flush()  # the gallery's maps, for rank 0 to read (also across nodes on a shared file system)
         rows, diags = merge_test_fold(shard, Path(work or "."), fold, indices, results, rows, diags, counts,
@@ -439,15 +526,16 @@ def score_folds(params, ev: EvaluationSet, settings: MhdSettings, store: MapStor
     on rank 0 (the others hold their own share)."""
     folds = [int(f) for f in params.train.folds]
     device, steps = store.shard.device(select_device(params)), int(params.evaluate.threshold_steps)
+    workers = evaluation_workers(params.evaluate.get("workers", "auto"), device)
     per_fold, per_volume, diagnostics = [], [], []
     for k, fold in enumerate(folds):
         model, _ = load_cddpm(params, cddpm_path(root, ev.modality, fold), ev.modality)
         model.to(device)
-        results = val_thresholds(model, ev, settings, device, steps, fold, store.shard, work)
+        results = val_thresholds(model, ev, settings, device, steps, fold, store.shard, work, workers)
         for s in settings.scorers:
             results[s].fpr_thresholds = healthy[fold][s]
         per_volume += test_metrics(model, ev, settings, device, fold, results, store, len(folds),
-                                   histograms if k == 0 else None, steps, diagnostics, work)
+                                   histograms if k == 0 else None, steps, diagnostics, work, workers)
         per_fold.append(results)
         del model
         release_device_memory()

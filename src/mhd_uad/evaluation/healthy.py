@@ -34,10 +34,17 @@ from mhd_uad.data.prepared import PreparedSet, prepared_name
 from mhd_uad.data.splits import IXI, read_split_csv
 from mhd_uad.errors import InputFileError
 from mhd_uad.evaluation.metrics import threshold_at_fpr
+from mhd_uad.evaluation.overlap import evaluation_workers, overlapped
 from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shared_folder, unstash
 from mhd_uad.io import atomic_write_text
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
-from mhd_uad.models.inference import MhdSettings, release_device_memory, score_volume, select_device
+from mhd_uad.models.inference import (
+    MhdSettings,
+    reconstruct_scan,
+    release_device_memory,
+    scan_maps,
+    select_device,
+)
 from mhd_uad.tracking import log_evaluation
 
 log = logging.getLogger(__name__)
@@ -59,17 +66,28 @@ def healthy_scans(params, modality: str, fold: int) -> tuple[PreparedSet, list[i
 
 
 def pooled_brain_scores(model, ps: PreparedSet, positions: list[int], settings: MhdSettings, device,
-                        desc: str = "healthy", shard: Shard = SINGLE, work: Path | None = None
+                        desc: str = "healthy", shard: Shard = SINGLE, work: Path | None = None, workers: int = 0
                         ) -> tuple[dict[str, np.ndarray], int]:
     """Every scorer's map values over the brain voxels (mask > 0) of the scans, pooled; and their number.
-    Under torchrun each rank scores its share; rank 0 returns the pool of all of them, the others ({}, 0)."""
-    mine = []
-    for i, pos in tqdm(shard.mine(positions), desc=desc, unit="scan"):
+    Under torchrun each rank scores its share; rank 0 returns the pool of all of them, the others ({}, 0).
+    With `workers`, the maps of a scan are made in CPU threads while the device reconstructs the next
+    (evaluation.overlap)."""
+    ensemble = "cddpm" in settings.scorers
+
+    def device_step(item):
+        i, pos = item
         image, mask = np.asarray(ps.images[pos]), np.asarray(ps.masks[pos])
-        maps, _ = score_volume(model, image, mask, settings, ps.names[pos], device)
+        return image, mask, *reconstruct_scan(model, image, settings, ps.names[pos], device, ensemble)
+
+    def brain_scores(item, made):
+        (i, _), (image, mask, recos, ens) = item, made
+        maps, _ = scan_maps(image, mask, recos, ens, settings)
         brain = mask > 0
-        mine.append((i, shard.stash(Path(work or ".") / f"healthy_{i:06d}.npz",
-                                    {s: maps[s][brain] for s in settings.scorers})))
+        return i, shard.stash(Path(work or ".") / f"healthy_{i:06d}.npz", {s: maps[s][brain] for s in settings.scorers})
+
+    items = shard.mine(positions)
+    mine = list(tqdm(overlapped(items, device_step, brain_scores, workers, device), total=len(items), desc=desc,
+                     unit="scan"))
     scans = shard.gather_in_order(mine)
     if not shard.main:
         return {}, 0
@@ -150,7 +168,8 @@ def run_score_healthy(params, modality: str, fold: int, root: str | Path = ".") 
         model.to(device)
         with shared_folder(shard, scratch) if shard.world > 1 else contextlib.nullcontext() as work:
             pooled, n_voxels = pooled_brain_scores(model, ps, positions, settings, device,
-                                                   f"IXI {modality} fold {fold}", shard, work)
+                                                   f"IXI {modality} fold {fold}", shard, work,
+                                                   evaluation_workers(params.evaluate.get("workers", "auto"), device))
         del model
         release_device_memory()
     if not shard.main:

@@ -238,26 +238,32 @@ class ScoreCounts:
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
 
-    def add(self, scores: Any, labels: Any) -> None:
-        """Pool the voxels of one volume (scores and labels of the same size; labels binarised > 0)."""
+    @staticmethod
+    def table(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One volume's table, as `add` pools it: (distinct scores ascending, lesion and background voxels at
+        each). For `add_counts` elsewhere, e.g. in the thread that scored the volume."""
         s, g = _flat_pair(scores, labels)
         values, inverse = np.unique(s, return_inverse=True)
         inverse = inverse.ravel()
         pos = np.bincount(inverse[g], minlength=values.size).astype(np.int64)
         neg = np.bincount(inverse[~g], minlength=values.size).astype(np.int64)
-        self._pending.append((values, pos, neg))
-        self._pending_rows += values.size
+        return values, pos, neg
+
+    def add(self, scores: Any, labels: Any) -> None:
+        """Pool the voxels of one volume (scores and labels of the same size; labels binarised > 0)."""
+        self._append(self.table(scores, labels))
+
+    def _append(self, table: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        self._pending.append(table)
+        self._pending_rows += table[0].size
         if self._pending_rows >= self.merge_every:
             self._merge()
 
     def add_counts(self, values: Any, pos: Any, neg: Any) -> None:
         """Pool another pool's table (its `counts()`, e.g. from another process): distinct scores with their
         lesion and background counts. Exact, in any order: the merged table is the one pool's table."""
-        values = np.asarray(values, dtype=np.float32)
-        self._pending.append((values, np.asarray(pos, dtype=np.int64), np.asarray(neg, dtype=np.int64)))
-        self._pending_rows += values.size
-        if self._pending_rows >= self.merge_every:
-            self._merge()
+        self._append((np.asarray(values, dtype=np.float32), np.asarray(pos, dtype=np.int64),
+                      np.asarray(neg, dtype=np.int64)))
 
     def _merge(self) -> None:
         if self._pending:
