@@ -39,6 +39,9 @@ test: $(STAMP) ## lint, workflow lint, unit tests and the end-to-end pipeline te
 test-fast: $(STAMP) ## unit tests only (the inner loop)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+gpu-check: $(STAMP) ## on a CUDA GPU: CUDA tests, paper smoke, paper_profile and pipeline_throughput -> reports/gpu
+	benchmarks/gpu_check.sh
+
 params: $(STAMP) ## recompose params.yaml from conf/ (what `dvc exp run` does)
 	$(BIN)/mhd-uad params
 
@@ -50,4 +53,4 @@ lock: ## regenerate requirements.lock from the current .venv
 clean: ## remove generated artifacts (keeps data/ and .venv)
 	rm -rf artifacts models mlruns mlartifacts .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-fast params lock clean
+.PHONY: help install demo test test-fast gpu-check params lock clean

@@ -101,9 +101,14 @@ def test_invalid_noise_levels_name_the_key(params, levels):
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
-def test_channels_last_must_be_a_boolean(params, value):
+def test_channels_last_must_be_a_boolean_or_auto(params, value):
+    from mhd_uad.models.inference import use_channels_last
+
     p = copy.deepcopy(params)
-    assert MhdSettings.from_params(p).channels_last is True  # the default: faster passes, the same maths
+    auto = MhdSettings.from_params(p).channels_last
+    assert auto is None  # the default: auto, NHWC where measured faster
+    assert use_channels_last(auto, torch.device("cpu")) and not use_channels_last(auto, torch.device("cuda"))
+    assert use_channels_last(True, torch.device("cuda")) and not use_channels_last(False, torch.device("cpu"))
     p.mhd.channels_last = value
     with pytest.raises(ConfigError, match=r"mhd\.channels_last"):
         MhdSettings.from_params(p)

@@ -1,9 +1,18 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import run_data_stages
-from mhd_uad.data.datamodule import AugmentSettings, IXISliceDataModule, VolumeSliceDataset
+from mhd_uad.data.datamodule import (
+    AugmentSettings,
+    IXISliceDataModule,
+    SliceDrawer,
+    VolumeSliceDataset,
+    collate_volumes,
+    loader_workers,
+)
 from mhd_uad.data.prepared import PreparedSet
 from mhd_uad.data.splits import read_split_csv
 from mhd_uad.errors import ConfigError
@@ -15,6 +24,10 @@ def stage_dirs(tiny_data, demo_params, tmp_path_factory):
     return root / "prepared", root / "splits", tiny_data
 
 
+def _slices(dm, batch):
+    return dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
+
+
 def test_batches_hold_random_axial_slices_of_the_folds_volumes(stage_dirs, demo_params):
     prepared, splits, data = stage_dirs
     dm = IXISliceDataModule(prepared, splits, data, "t2", fold=0, batch_size=8, slices_per_volume=4,
@@ -23,9 +36,11 @@ def test_batches_hold_random_axial_slices_of_the_folds_volumes(stage_dirs, demo_
     train = read_split_csv(splits / "IXI_train_fold0.csv", data, "t2")
     ps = PreparedSet.open(prepared / "IXI_t2")
     assert sorted(dm.train_set.positions) == sorted(ps.positions(train, "x"))
-    batch = next(iter(dm.train_dataloader()))
+    loaded = next(iter(dm.train_dataloader()))
     s, x, y = ps.images.shape[1:]
-    assert batch["image"].shape == (8, 1, x, y) and batch["mask"].shape == (8, 1, x, y)
+    assert loaded["scan"].shape == (2, s, x, y)  # whole volumes leave the workers: 8 slices = 2 volumes × 4
+    batch = _slices(dm, loaded)
+    assert batch["image"].shape == (8, 1, x, y) and batch["slice"].shape == batch["volume"].shape == (8,)
     assert batch["slice"].min() >= 0 and batch["slice"].max() < s
     assert torch.isfinite(batch["image"]).all()
     assert set(batch["volume"].tolist()) <= set(dm.train_set.positions)
@@ -34,21 +49,66 @@ def test_batches_hold_random_axial_slices_of_the_folds_volumes(stage_dirs, demo_
 def test_without_augmentation_slices_equal_the_prepared_arrays(stage_dirs):
     prepared, _, _ = stage_dirs
     ps = PreparedSet.open(prepared / "IXI_t1")
-    ds = VolumeSliceDataset(prepared / "IXI_t1", [2, 0], slices_per_volume=3)
-    item = ds[0]
-    for k, s in enumerate(item["slice"].tolist()):
-        np.testing.assert_array_equal(item["image"][k, 0].numpy(), ps.images[2, s])
-        np.testing.assert_array_equal(item["mask"][k, 0].numpy(), ps.masks[2, s])
+    ds = VolumeSliceDataset(prepared / "IXI_t1", [2, 0])
+    batch = SliceDrawer(3)(collate_volumes([ds[0], ds[1]]))
+    for row, (pos, s) in enumerate(zip(batch["volume"].tolist(), batch["slice"].tolist(), strict=True)):
+        np.testing.assert_array_equal(batch["image"][row, 0].numpy(), ps.images[pos, s])
+    assert batch["volume"].tolist() == [2, 2, 2, 0, 0, 0]
+
+
+def test_slices_are_the_torchio_reference_volume_sliced(stage_dirs):
+    """The drawer's augmented slices are what the original did: augment the 3-D volume, then slice it."""
+    from mhd_uad.data.augment import augment_volumes
+
+    prepared, _, _ = stage_dirs
+    ds = VolumeSliceDataset(prepared / "IXI_t1", [0, 1], seeded=True, seed=3)
+    drawer = SliceDrawer(2, AugmentSettings(1.0, 1.0, 1.0, 1.0), ds.spacing_mm)
+    loaded = collate_volumes([ds[0], ds[1]])
+    index, params = drawer.draw(loaded["seed"], loaded["scan"].shape[1])
+    whole = augment_volumes(loaded["scan"], params, ds.spacing_mm)
+    expected = torch.stack([whole[b, index[b]] for b in range(2)]).reshape(4, 1, *whole.shape[2:])
+    torch.testing.assert_close(drawer(loaded)["image"], expected, atol=1e-5, rtol=0)
 
 
 def test_val_items_repeat_exactly_and_train_items_vary(stage_dirs, demo_params):
     prepared, _, _ = stage_dirs
-    aug = AugmentSettings(1.0, 1.0, 1.0, 1.0)
-    val = VolumeSliceDataset(prepared / "IXI_t1", [0, 1], 2, aug, seeded=True, seed=5)
-    a, b = val[1], val[1]
+    drawer = SliceDrawer(2, AugmentSettings(1.0, 1.0, 1.0, 1.0), 3.0)
+    val = VolumeSliceDataset(prepared / "IXI_t1", [0, 1], seeded=True, seed=5)
+    a, b = drawer(collate_volumes([val[1]])), drawer(collate_volumes([val[1]]))
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["slice"], b["slice"])
-    train = VolumeSliceDataset(prepared / "IXI_t1", [0, 1], 2, aug)
-    assert not torch.equal(train[1]["image"], train[1]["image"])
+    other = drawer(collate_volumes([VolumeSliceDataset(prepared / "IXI_t1", [0, 1], seeded=True, seed=6)[1]]))
+    assert not torch.equal(a["image"], other["image"])
+    train = VolumeSliceDataset(prepared / "IXI_t1", [0, 1])
+    assert not torch.equal(drawer(collate_volumes([train[1]]))["image"], drawer(collate_volumes([train[1]]))["image"])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_do_not_depend_on_the_number_of_loader_workers(stage_dirs, demo_params, workers):
+    prepared, splits, data = stage_dirs
+
+    def two_epochs(num_workers):
+        torch.manual_seed(11)
+        dm = IXISliceDataModule(prepared, splits, data, "t1", 0, batch_size=4, slices_per_volume=2,
+                                num_workers=num_workers, augment=AugmentSettings.from_params(demo_params))
+        dm.setup()
+        train, val = dm.train_dataloader(), dm.val_dataloader()
+        out = []
+        for _ in range(2):
+            out += [_slices(dm, b)["image"] for b in train] + [_slices(dm, b)["image"] for b in val]
+        return out
+
+    inline = two_epochs(0)
+    assert len(inline) > 4 and all(torch.equal(a, b) for a, b in zip(inline, two_epochs(workers), strict=True))
+
+
+def test_auto_workers_follow_the_cpus_and_bad_counts_are_refused(stage_dirs):
+    prepared, splits, data = stage_dirs
+    assert loader_workers("auto", cuda=False) == (1 if (os.cpu_count() or 1) > 1 else 0)
+    assert 1 <= loader_workers("auto", cuda=True) <= 8
+    assert loader_workers(3, cuda=True) == 3
+    for bad in (-1, "many", 2.5):
+        with pytest.raises(ConfigError, match="data.num_workers"):
+            IXISliceDataModule(prepared, splits, data, "t1", 0, batch_size=4, num_workers=bad)
 
 
 def test_batch_size_must_be_a_multiple_of_slices_per_volume(stage_dirs):
@@ -60,21 +120,24 @@ def test_batch_size_must_be_a_multiple_of_slices_per_volume(stage_dirs):
 def test_augmentation_sees_the_prepared_spacing_and_the_original_ghosting(stage_dirs, monkeypatch):
     import torchio as tio
 
-    prepared, _, _ = stage_dirs
+    from mhd_uad.data import datamodule
+
+    prepared, splits, data = stage_dirs
     ghosting = [t for t in AugmentSettings().transform().transforms if isinstance(t, tio.RandomGhosting)]
     assert ghosting and ghosting[0].restore == (0.02, 0.02)  # exactly 0.02, as torchio 0.18.73 in the original
     spacing = PreparedSet.open(prepared / "IXI_t1").index["settings"]["spacing_mm"]
     seen = []
+    original = datamodule.augment_slices
 
-    class Spy:
-        def __call__(self, image):
-            seen.append(image.spacing)
-            return image
+    def spy(volumes, index, params, spacing_mm):
+        seen.append(spacing_mm)
+        return original(volumes, index, params, spacing_mm)
 
-    ds = VolumeSliceDataset(prepared / "IXI_t1", [0], 1, AugmentSettings(0.0, 0.0, 1.0, 0.0))
-    ds._transform = Spy()
-    ds[0]
-    assert seen == [(spacing, spacing, spacing)] and spacing != 1.0  # σ of RandomBlur is in mm
+    monkeypatch.setattr(datamodule, "augment_slices", spy)
+    dm = IXISliceDataModule(prepared, splits, data, "t1", 0, batch_size=2, augment=AugmentSettings(0.0, 0.0, 1.0, 0.0))
+    dm.setup()
+    _slices(dm, next(iter(dm.train_dataloader())))
+    assert seen == [spacing] and spacing != 1.0  # σ of RandomBlur is in mm
 
 
 def test_a_scan_listed_twice_is_drawn_twice(stage_dirs, tmp_path):

@@ -125,3 +125,30 @@ def test_more_processes_than_cuda_devices_is_a_clear_error(monkeypatch):
     with pytest.raises(MhdUadError, match="local rank 2, but this machine shows 2 CUDA devices"):
         Shard(2, 4, local_rank=2).device(torch.device("cuda"))
     assert Shard(3, 4, local_rank=3).device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_scoring_processes_from_evaluate_devices(monkeypatch):
+    from mhd_uad.devices import relaunch_command, scoring_processes
+    from mhd_uad.errors import ConfigError
+
+    for var in ("WORLD_SIZE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+
+    def params(devices, accelerator="auto"):
+        return SimpleNamespace(evaluate={"devices": devices}, trainer=SimpleNamespace(accelerator=accelerator))
+
+    assert scoring_processes(params(1)) == 1 and scoring_processes(params(3)) == 3
+    assert scoring_processes(params("auto"), count=lambda: 4) == 4
+    assert scoring_processes(params("auto"), count=lambda: 0) == 1  # no GPU: one process
+    assert scoring_processes(params("auto", "cpu"), count=lambda: 4) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert scoring_processes(params("auto"), count=lambda: 8) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert scoring_processes(params(4)) == 1  # already one rank of a launch
+    monkeypatch.delenv("WORLD_SIZE")
+    for bad in (0, -2, "two", 1.5, True):
+        with pytest.raises(ConfigError, match="evaluate.devices"):
+            scoring_processes(params(bad))
+    command = relaunch_command(2, ["evaluate", "--dataset", "WMH", "mhd.ridge=0.1"])
+    assert command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    assert command[7:] == ["mhd_uad.cli", "evaluate", "--dataset", "WMH", "mhd.ridge=0.1"]

@@ -116,7 +116,7 @@ OUTPUTS = ["metrics/MSLUB.json", "metrics/MSLUB_per_volume.csv", "artifacts/heal
            "reports/gallery/MSLUB.png"]
 
 
-def test_evaluation_under_torchrun_with_two_processes_writes_what_one_process_writes(tiny_model, tmp_path,
+def test_scoring_in_two_processes_writes_what_one_process_writes(tiny_model, tmp_path,
                                                                                      monkeypatch):
     from conftest import shrunk_params
     from mhd_uad.evaluation import evaluate, healthy
@@ -131,11 +131,15 @@ def test_evaluation_under_torchrun_with_two_processes_writes_what_one_process_wr
     healthy.run_score_healthy(params, "t2", 0, one)
     evaluate.run_evaluate(params, "MSLUB", one)
 
+    # score-healthy under torchrun by hand; evaluate starting its own 2 processes (evaluate.devices=2)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "mhd_uad.cli"]
-    for command in (["score-healthy", "--modality", "t2", "--fold", "0"], ["evaluate", "--dataset", "MSLUB"]):
-        done = _run([*launch, *command, *SHRUNK, *EVAL], two)
+    for command in ([*launch, "score-healthy", "--modality", "t2", "--fold", "0", *SHRUNK, *EVAL],
+                    [sys.executable, "-m", "mhd_uad.cli", "evaluate", "--dataset", "MSLUB", *SHRUNK, *EVAL,
+                     "evaluate.devices=2"]):
+        done = _run(command, two)
         assert done.returncode == 0, done.stderr[-4000:]
+    assert "scoring with 2 processes" in done.stderr
     for name in OUTPUTS:
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     for folder in ("plots/MSLUB", "artifacts/maps/MSLUB"):

@@ -136,3 +136,34 @@ def test_impossible_sizes_fail_before_any_training():
         validate_model_params(compose(["prepare.grid=[64,96,32]"], REPO))
     with pytest.raises(ConfigError, match="multiple of data.slices_per_volume"):
         validate_model_params(compose(["train.batch_size=6"], REPO))
+
+
+def test_the_compile_path_fits_and_exports_the_same_checkpoint_layout(private_copy):
+    """train.compile=true on the CPU (the path CUDA takes by default): the networks are compiled in place, so the
+    exported checkpoint has the uncompiled model's keys and loads; the first step's time is on record. Dynamo
+    traces the networks here with its eager backend: inductor's C++ code generation of the same graphs takes
+    minutes on 2 cores and belongs to the GPU check (benchmarks/paper_profile.py's fp16+compile)."""
+    params = shrunk_params("train.compile=true", "train.max_steps=2")
+    shutil.rmtree(private_copy / "models" / "t1" / "fold0")
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return original(self, *args, **{**kwargs, "backend": "eager"})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Module, "compile", spy)
+        run_train(params, "t1", 0)
+    assert len(compiled) == 2, compiled  # the UNet and the encoder
+    model, meta = load_cddpm(params, cddpm_path(private_copy, "t1", 0), "t1")
+    assert meta["global_step"] == 2 and not any("_orig_mod" in k for k in model.state_dict())
+    with sqlite3.connect(private_copy / "mlflow.db") as db:
+        keys = {k for (k,) in db.execute("select distinct key from metrics")}
+    assert {"train/first_step_s", "train/step_s", "train/compile_s"} <= keys
+
+
+def test_bad_compile_and_memory_format_switches_are_refused(private_copy):
+    for override, key in (("train.compile=maybe", "train.compile"), ("train.channels_last=3", "train.channels_last")):
+        with pytest.raises(ConfigError, match=key):
+            run_train(shrunk_params(override), "t1", 0)

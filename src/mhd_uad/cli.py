@@ -103,12 +103,31 @@ def cmd_train(args) -> None:
     log.info("cDDPM checkpoint written to %s", out)
 
 
+def _spread(params, argv: list[str]) -> bool:
+    """With `evaluate.devices` > 1 (outside a launch), run this command again as that many processes, one per
+    device, each scoring its share (evaluation.sharding; the outputs are one process's); True when done so."""
+    import subprocess
+
+    from mhd_uad.devices import relaunch_command, scoring_processes
+
+    processes = scoring_processes(params)
+    if processes == 1:
+        return False
+    log.info("scoring with %d processes (evaluate.devices)", processes)
+    done = subprocess.run(relaunch_command(processes, argv), check=False)
+    if done.returncode:
+        raise MhdUadError(f"{done.returncode} from one of the {processes} scoring processes (their errors above)")
+    return True
+
+
 def cmd_evaluate(args) -> None:
     from mhd_uad.evaluation.evaluate import run_evaluate
     from mhd_uad.models.factory import validate_model_params
     from mhd_uad.models.inference import MhdSettings
 
     params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
+    if _spread(params, ["evaluate", "--dataset", args.dataset, *args.overrides]):
+        return
     _free_device(params, 1)  # one device per process (under torchrun: cuda:<LOCAL_RANK>)
     out = run_evaluate(params, args.dataset)
     log.info("metrics written to %s", out)
@@ -120,6 +139,8 @@ def cmd_score_healthy(args) -> None:
     from mhd_uad.models.inference import MhdSettings
 
     params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
+    if _spread(params, ["score-healthy", "--modality", args.modality, "--fold", str(args.fold), *args.overrides]):
+        return
     _free_device(params, 1)
     out = run_score_healthy(params, args.modality, args.fold)
     log.info("healthy-scan FPR thresholds written to %s", out)

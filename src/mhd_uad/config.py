@@ -116,6 +116,14 @@ def require(condition: bool, message: str, source: str | Path = PARAMS_FILE) -> 
         raise ConfigError(message, source)
 
 
+def auto_switch(value, key: str) -> bool | None:
+    """A switch of the params that may be left to the device: true, false, or auto (None)."""
+    if value == "auto":
+        return None
+    require(isinstance(value, bool), f"{key} must be true, false or auto, got {value!r}")
+    return value
+
+
 def as_int_list(values: Iterable, name: str, length: int | None = None) -> list[int]:
     try:
         out = [int(v) for v in values]

@@ -101,3 +101,29 @@ def pin_free_device(params, devices: int | str | None = 1, count: Callable[[], i
     os.environ["CUDA_VISIBLE_DEVICES"] = device
     log.info("using CUDA device %s (free among %s)", device, ",".join(candidates))
     return device
+
+
+def scoring_processes(params, count: Callable[[], int] = _cuda_device_count) -> int:
+    """How many processes `score-healthy`/`evaluate` spread over (`evaluate.devices`): as given, or for `auto`
+    one per visible CUDA device on a CUDA accelerator (1 on a CPU). Inside a launch (torchrun, srun) the
+    launcher has decided: 1."""
+    from mhd_uad.config import require
+
+    value = params.evaluate.get("devices", 1)
+    if launch_world_size() > 1:
+        return 1
+    if value == "auto":
+        cuda = str(params.trainer.accelerator) in CUDA_ACCELERATORS
+        return max(1, len(visible_cuda_devices(count))) if cuda and count() > 0 else 1
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"evaluate.devices must be auto or a whole number >= 1, got {value!r}")
+    return value
+
+
+def relaunch_command(processes: int, argv: list[str]) -> list[str]:
+    """The command that runs this mhd-uad command again as `processes` ranks of one machine (torchrun's
+    launcher, standalone: it picks a free port), each scoring its share (evaluation.sharding)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "mhd_uad.cli", *argv]

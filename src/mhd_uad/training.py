@@ -24,12 +24,14 @@ import hashlib
 import json
 import logging
 import shutil
+import statistics
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-from mhd_uad.config import to_plain
+from mhd_uad.config import auto_switch, to_plain
 from mhd_uad.devices import is_main_process
 from mhd_uad.errors import ConfigError
 from mhd_uad.io import atomic_write_text
@@ -76,6 +78,47 @@ class LossCurves(pl.Callback):
         value = trainer.callback_metrics.get("val/loss")
         if value is not None and not trainer.sanity_checking and trainer.is_global_zero:
             self._append("val", trainer.global_step, float(value))
+
+
+class StepTimes(pl.Callback):
+    """Seconds of the first training step (compiling, when the fit compiles, happens there) and the median
+    of the next `window`; logged once (MLflow metrics train/first_step_s, train/step_s, train/compile_s =
+    their difference) and to the log, so the cost of train.compile is on record."""
+
+    def __init__(self, window: int = 20):
+        self.window, self.times, self._start, self.done = window, [], 0.0, False
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if not self.done:
+            if module.device.type == "cuda":
+                torch.cuda.synchronize(module.device)
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.done:
+            return
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        self.times.append(time.perf_counter() - self._start)
+        if len(self.times) > self.window or trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0
+                                                                    else float("inf")):
+            self.report(trainer, module)
+
+    def on_train_end(self, trainer, module):
+        if not self.done and len(self.times) > 1:
+            self.report(trainer, module)
+
+    def report(self, trainer, module) -> None:
+        self.done = True
+        if len(self.times) < 2:
+            return
+        first, typical = self.times[0], statistics.median(self.times[1:])
+        figures = {"train/first_step_s": first, "train/step_s": typical, "train/compile_s": max(0.0, first - typical)}
+        compiled = getattr(module, "compiles", lambda: False)()
+        log.info("first training step %.1f s, then %.3f s per step%s", first, typical,
+                 f" (compiling took about {first - typical:.0f} s)" if compiled else "")
+        if trainer.is_global_zero and trainer.logger:
+            trainer.logger.log_metrics(figures, step=trainer.global_step)
 
 
 class RankStreams(pl.Callback):
@@ -194,7 +237,7 @@ def _datamodule(params, modality: str, fold: int, batch_size: int, augment: bool
     artifacts = Path(params.paths.artifacts)
     return IXISliceDataModule(
         artifacts / "prepared", artifacts / "splits", params.paths.data, modality, fold, batch_size,
-        int(params.data.slices_per_volume), int(params.data.num_workers),
+        int(params.data.slices_per_volume), params.data.num_workers,
         AugmentSettings.from_params(params) if augment else None, seed=int(params.seed),
     )
 
@@ -247,14 +290,15 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".", callback
     module = CDDPMModule(build_cddpm(params, encoder=encoder), optimizer=str(t.optimizer), lr=float(t.lr),
                          weight_decay=float(t.weight_decay), lr_schedule=str(t.lr_schedule),
                          warmup_steps=int(t.warmup_steps), total_steps=max_steps if max_steps > 0 else None,
-                         ema_decay=float(t.ema_decay))
+                         ema_decay=float(t.ema_decay), compile=auto_switch(t.get("compile", False), "train.compile"),
+                         channels_last=auto_switch(t.get("channels_last", False), "train.channels_last") is True)
     stage = f"train@{modality}-fold{fold}"
     encoder_file = encoder_path(root, modality)
     fitted = fit(stage, module, _datamodule(params, modality, fold, int(t.batch_size), augment=True),
                  params, root=root, plots_dir=root / "plots" / "train" / f"{modality}-fold{fold}",
                  max_steps=max_steps, max_epochs=int(t.max_epochs),
                  depends_on=[modality, fold, hashlib.sha256(encoder_file.read_bytes()).hexdigest()],
-                 callbacks=callbacks)
+                 callbacks=[StepTimes(), *callbacks])
     out = cddpm_path(root, modality, fold)
     if fitted is not None:  # rank 0 (or the only process)
         best, summary = fitted

@@ -2,13 +2,21 @@
 
 The original draws one uniformly random axial slice per volume per epoch, with torchio's RandomGamma,
 RandomBiasField, RandomBlur and RandomGhosting applied to the 3-D volume first, on train and val alike
-(method.md §2.3.6-7). The volume carries the prepared grid's spacing, so RandomBlur's σ (0-2 mm) is what
-the original applied to its 2 mm volume, and RandomGhosting keeps the original's `restore` of 0.02.
-Split lists are used as given: a scan listed twice is drawn twice per epoch, as in the original.
-Here the number of slices drawn per volume is a parameter (`data.slices_per_volume`): the augmented
-volume is reused for all of them, which is what makes several slices per volume cheap. Val items are
-seeded by their index (the original draws them at random), so the validation loss compares epochs on the
-same slices and noise.
+(method.md §2.3.6-7). Here the loader workers only load volumes (one memory-mapped read each); the random
+draws (slices, augmentation parameters) and the augmentations run after the batch is on the training
+device (`SliceDrawer`, from `on_after_batch_transfer`), batched: the same transforms as torchio for the same
+parameters, with torchio's parameter distributions (data.augment, tested against torchio), and computed
+only for the slices drawn, which equals augmenting the volume and then slicing it. The augmentation sees the
+prepared grid's spacing, so RandomBlur's σ (0-2 mm) is what the original applied to its 2 mm volume, and
+RandomGhosting keeps the original's `restore` of 0.02. Differs knowingly in where, not what: the original
+augments in its loader workers on the CPU (there, one 50×96×96 volume costs about 50 ms and starves a GPU).
+
+The draws come from the training process's torch RNG, so a fit does not depend on the number of loader
+workers (data.num_workers; auto: from the CPUs). Split lists are used as given: a scan listed twice is drawn
+twice per epoch, as in the original. The number of slices drawn per volume is a parameter
+(`data.slices_per_volume`): they all come from the same augmented volume, which is what makes several
+slices per volume cheap. Val items are seeded by their index (the original draws them at random), so the
+validation loss compares epochs on the same slices, augmentations and noise.
 
 Under DDP Lightning shards both loaders across the ranks (its DistributedSampler; the val shards padded to
 equal length by repeating items, whose seeded slices and noise repeat with them); each rank needs at least
@@ -17,64 +25,53 @@ one full training batch of its own.
 
 from __future__ import annotations
 
-import warnings
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from mhd_uad.config import require
+from mhd_uad.data.augment import AugmentParams, AugmentSettings, augment_slices, sample_params
 from mhd_uad.data.prepared import PreparedSet, prepared_name
 from mhd_uad.data.splits import IXI, read_split_csv
 
-GHOSTING_RESTORE = 0.02  # torchio 0.18.73 restored exactly this (the original); 1.x samples (0, r) or None
+__all__ = ["AugmentSettings", "IXISliceDataModule", "SliceDrawer", "VolumeSliceDataset", "loader_workers"]
+
+UNSEEDED = -1  # the seed of a training item: its draws come from the training process's RNG
+MAX_AUTO_WORKERS = 8
 
 
-@dataclass(frozen=True)
-class AugmentSettings:
-    gamma_p: float = 0.5
-    bias_field_p: float = 0.25
-    blur_p: float = 0.25
-    ghosting_p: float = 0.5
-
-    @classmethod
-    def from_params(cls, params) -> AugmentSettings:
-        a = params.data.augment
-        out = cls(float(a.gamma_p), float(a.bias_field_p), float(a.blur_p), float(a.ghosting_p))
-        for name, value in out.__dict__.items():
-            require(0.0 <= value <= 1.0, f"data.augment.{name} must be a probability, got {value}")
-        return out
-
-    def transform(self):
-        import torchio as tio
-
-        return tio.Compose([
-            tio.RandomGamma(p=self.gamma_p),
-            tio.RandomBiasField(p=self.bias_field_p),
-            tio.RandomBlur(p=self.blur_p),  # σ in mm: the volume carries its real spacing (see _sample)
-            tio.RandomGhosting(p=self.ghosting_p, restore=(GHOSTING_RESTORE, GHOSTING_RESTORE)),
-        ])
+def loader_workers(setting, cuda: bool) -> int:
+    """data.num_workers as given, or for `auto`: beside a GPU min(8, CPUs - 1) (loading one volume is a
+    memory-mapped read); on a CPU one, which reads the next volumes while the fit computes."""
+    if str(setting) != "auto":
+        require(isinstance(setting, int) and not isinstance(setting, bool) and setting >= 0,
+                f"data.num_workers must be auto or a whole number >= 0, got {setting!r}")
+        return setting
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not cuda:
+        return 1 if cpus > 1 else 0
+    return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
 
 
 class VolumeSliceDataset(Dataset):
-    """Item i: `slices_per_volume` random axial slices of volume positions[i], as [k, 1, H, W] in [0, 1] scale.
+    """Item i: volume positions[i] as loaded ([S, H, W] float32, "scan"), its position ("volume") and the
+    seed of its draws ("seed": UNSEEDED for training items, `seed * 1_000_003 + i` for seeded val items).
+    `SliceDrawer` turns a batch of them into slices.
 
     The memory maps are opened lazily in each worker (a pickled memmap would be copied whole).
     """
 
-    def __init__(self, folder: str | Path, positions: list[int], slices_per_volume: int = 1,
-                 augment: AugmentSettings | None = None, seeded: bool = False, seed: int = 0):
+    def __init__(self, folder: str | Path, positions: list[int], seeded: bool = False, seed: int = 0):
         self.folder = Path(folder)
         self.positions = list(positions)
-        self.slices_per_volume = int(slices_per_volume)
-        self.augment = augment
         self.seeded = seeded
         self.seed = int(seed)
         self._data: PreparedSet | None = None
-        self._transform = None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -90,40 +87,66 @@ class VolumeSliceDataset(Dataset):
         """Voxel size of the prepared grid: torchio's blur σ is in mm (the original blurs the 2 mm volume)."""
         return float(self.data.index["settings"]["spacing_mm"])
 
-    def _sample(self, i: int) -> dict[str, torch.Tensor]:
-        pos = self.positions[i]
-        volume = torch.from_numpy(np.array(self.data.images[pos], dtype=np.float32))  # [S, H, W]
-        if self.augment is not None:
-            import torchio as tio
-
-            if self._transform is None:
-                self._transform = self.augment.transform()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                image = tio.ScalarImage(tensor=volume[None], affine=np.diag([*[self.spacing_mm] * 3, 1.0]))
-                volume = self._transform(image).data[0]
-        idx = torch.randint(0, volume.shape[0], (self.slices_per_volume,))
-        mask = torch.from_numpy(np.array(self.data.masks[pos][idx.numpy()], dtype=np.float32))
-        return {"image": volume[idx].unsqueeze(1).contiguous(), "mask": mask.unsqueeze(1), "slice": idx,
-                "volume": torch.full((self.slices_per_volume,), pos)}
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not self.seeded:
-            return self._sample(i)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + i)
-            return self._sample(i)
+        pos = self.positions[i]
+        return {"scan": torch.from_numpy(np.array(self.data.images[pos], dtype=np.float32)),
+                "volume": torch.tensor(pos), "seed": torch.tensor(self.seed * 1_000_003 + i if self.seeded else UNSEEDED)}
 
 
-def collate_slices(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.cat([item[key] for item in items]) for key in items[0]}
+@dataclass(frozen=True)
+class SliceDrawer:
+    """A batch of loaded volumes -> `slices_per_volume` random axial slices of each, augmented, on the
+    batch's device: {"image": [B·k, 1, H, W], "slice": [B·k], "volume": [B·k]}.
+
+    Seeded items draw from their own generator (the same slices and augmentations every time), the others
+    from the torch RNG of the process. The draws happen on the CPU; the augmentation where the volumes are."""
+
+    slices_per_volume: int = 1
+    augment: AugmentSettings | None = None
+    spacing_mm: float = 1.0
+
+    def _draw(self, n_slices: int, generator: torch.Generator | None, n: int) -> tuple[torch.Tensor, AugmentParams | None]:
+        index = torch.randint(0, n_slices, (n, self.slices_per_volume), generator=generator)
+        params = sample_params(self.augment, n, generator) if self.augment is not None else None
+        return index, params
+
+    def draw(self, seeds: torch.Tensor, n_slices: int) -> tuple[torch.Tensor, AugmentParams | None]:
+        """Slice indices [B, k] and augmentation parameters (None without augmentation) for a batch."""
+        seeds = [int(s) for s in seeds.tolist()]
+        if all(s == UNSEEDED for s in seeds):
+            return self._draw(n_slices, None, len(seeds))
+        parts = [self._draw(n_slices, None if s == UNSEEDED else torch.Generator().manual_seed(s), 1)
+                 for s in seeds]
+        index = torch.cat([p[0] for p in parts])
+        params = AugmentParams.collate([p[1] for p in parts]) if self.augment is not None else None
+        return index, params
+
+    def __call__(self, batch: dict[str, torch.Tensor], drawn: tuple | None = None) -> dict[str, torch.Tensor]:
+        """The slices of a batch of volumes; `drawn` = self.draw(...) made before the batch went to the device
+        (drawing from a batch on a GPU would wait for it)."""
+        volumes = batch["scan"]  # [B, S, H, W]
+        n, n_slices, height, width = volumes.shape
+        index, params = drawn or self.draw(batch["seed"], n_slices)  # on the CPU: augment_slices reads them there
+        on_device = index.to(volumes.device, non_blocking=True)
+        if params is None:
+            slices = torch.gather(volumes, 1, on_device[:, :, None, None].expand(-1, -1, height, width))
+        else:
+            slices = augment_slices(volumes, index, params, self.spacing_mm)
+        k = self.slices_per_volume
+        return {"image": slices.reshape(n * k, 1, height, width).contiguous(), "slice": on_device.reshape(-1),
+                "volume": batch["volume"].to(volumes.device).repeat_interleave(k)}
+
+
+def collate_volumes(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
 class IXISliceDataModule(pl.LightningDataModule):
-    """Healthy IXI slices of one fold and modality: train and val loaders over the prepared arrays."""
+    """Healthy IXI slices of one fold and modality: train and val loaders over the prepared arrays, whose
+    batches of volumes become slices on the training device (`on_after_batch_transfer`, `SliceDrawer`)."""
 
     def __init__(self, prepared_dir: str | Path, splits_dir: str | Path, data_root: str | Path, modality: str,
-                 fold: int, batch_size: int, slices_per_volume: int = 1, num_workers: int = 0,
+                 fold: int, batch_size: int, slices_per_volume: int = 1, num_workers: int | str = 0,
                  augment: AugmentSettings | None = None, seed: int = 0):
         super().__init__()
         require(batch_size >= 1 and slices_per_volume >= 1, "batch size and slices per volume must be >= 1")
@@ -134,9 +157,12 @@ class IXISliceDataModule(pl.LightningDataModule):
         self.splits_dir, self.data_root = Path(splits_dir), Path(data_root)
         self.modality, self.fold = modality, int(fold)
         self.batch_size, self.slices_per_volume = int(batch_size), int(slices_per_volume)
-        self.num_workers, self.augment, self.seed = int(num_workers), augment, int(seed)
+        self.num_workers, self.augment, self.seed = num_workers, augment, int(seed)
+        loader_workers(num_workers, False)  # a bad setting fails here, before any fit
         self.train_set: VolumeSliceDataset | None = None
         self.val_set: VolumeSliceDataset | None = None
+        self.drawer: SliceDrawer | None = None
+        self._drawn: tuple | None = None  # the draws of the batch between the two transfer hooks
 
     def split_positions(self, part: str) -> list[int]:
         csv = self.splits_dir / f"{IXI}_{part}_fold{self.fold}.csv"
@@ -145,21 +171,48 @@ class IXISliceDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         spv = self.slices_per_volume
-        self.train_set = VolumeSliceDataset(self.folder, self.split_positions("train"), spv, self.augment)
-        self.val_set = VolumeSliceDataset(self.folder, self.split_positions("val"), spv, self.augment,
-                                          seeded=True, seed=self.seed)
+        self.train_set = VolumeSliceDataset(self.folder, self.split_positions("train"))
+        self.val_set = VolumeSliceDataset(self.folder, self.split_positions("val"), seeded=True, seed=self.seed)
+        self.drawer = SliceDrawer(spv, self.augment, self.train_set.spacing_mm)
         ranks = self.trainer.world_size if self.trainer is not None else 1
         require(-(-len(self.train_set) // ranks) * spv >= self.batch_size,  # a shard holds ceil(n / ranks)
                 f"fold {self.fold} has {len(self.train_set)} training volumes: too few for a batch of "
                 f"{self.batch_size} slices" + (f" on each of {ranks} processes" if ranks > 1 else ""))
 
+    def _cuda(self) -> bool:
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _loader(self, dataset: VolumeSliceDataset, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size // self.slices_per_volume, shuffle=train,
-                          drop_last=train, num_workers=self.num_workers, collate_fn=collate_slices,
-                          persistent_workers=self.num_workers > 0)
+        """The loader's order and its workers' seeds come from generators of its own, seeded from the torch
+        RNG once: the process's RNG, which draws the slices and augmentations, then does not depend on the
+        number of workers (a DataLoader draws its workers' seed from it every epoch without workers, once
+        with persistent ones)."""
+        workers, cuda = loader_workers(self.num_workers, self._cuda()), self._cuda()
+        seeds = torch.randint(0, 2**62, (2,)).tolist()
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seeds[0])) if train else None
+        return DataLoader(dataset, batch_size=self.batch_size // self.slices_per_volume, sampler=sampler,
+                          drop_last=train, num_workers=workers, collate_fn=collate_volumes,
+                          generator=torch.Generator().manual_seed(seeds[1]), persistent_workers=workers > 0,
+                          pin_memory=cuda, prefetch_factor=4 if workers > 0 and cuda else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """The batch's draws, on the CPU while it is still there (kept for `on_after_batch_transfer`, which
+        Lightning calls next for the same batch)."""
+        if isinstance(batch, dict) and "scan" in batch:
+            self._drawn = self.drawer.draw(batch["seed"], batch["scan"].shape[1])
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Volumes on the device -> slices, augmented there (`SliceDrawer`)."""
+        if isinstance(batch, dict) and "scan" in batch:
+            drawn, self._drawn = self._drawn, None
+            return self.drawer(batch, drawn)
+        return batch

@@ -76,8 +76,8 @@ def overlapped(items: Iterable[T], device_step: Callable[[T], U], cpu_step: Call
 
     def produce() -> None:
         try:
-            if device is not None and device.type == "cuda":
-                torch.cuda.set_device(device)  # the current device is per thread
+            if device is not None and device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # the current device is per thread (a rank's cuda:<LOCAL_RANK>)
             for item in items:
                 if stop.is_set():
                     return

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mhd_uad.config import as_int_list, require
+from mhd_uad.config import as_int_list, auto_switch, require
 from mhd_uad.errors import MhdUadError
 from mhd_uad.scoring.anomaly_maps import SCORERS, anomaly_maps
 from mhd_uad.scoring.diagnostics import residual_share_in_span
@@ -58,17 +58,9 @@ class MhdSettings:
                 "evaluate.scorers includes cddpm, so mhd.cddpm_noise_levels must be set (method.md §4.6: "
                 "[250, 500, 750])")
         t_indices = () if levels is None else _cddpm_t_indices(levels, timesteps)
-        channels_last = memory_format_setting(m.get("channels_last", False), "mhd.channels_last")
+        channels_last = auto_switch(m.get("channels_last", False), "mhd.channels_last")
         return cls(n, level - 1, float(m.ridge), int(m.seed), int(m.max_batch), str(m.precision), scorers,
                    t_indices, channels_last)
-
-
-def memory_format_setting(value, key: str) -> bool | None:
-    """A channels_last switch of the params: true, false, or auto (None: decided by the device)."""
-    if value == "auto":
-        return None
-    require(isinstance(value, bool), f"{key} must be true, false or auto, got {value!r}")
-    return value
 
 
 def use_channels_last(setting: bool | None, device: torch.device) -> bool:
