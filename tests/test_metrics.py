@@ -256,3 +256,19 @@ def test_pools_of_several_processes_merge_into_exactly_the_one_pool(merge_every)
         assert a.dtype == b.dtype and np.array_equal(a, b)
     assert merged.auprc() == one.auprc() and merged.auroc() == one.auroc()  # bit for bit
     assert ranks[0].auprc() != one.auprc()
+
+
+def test_a_volumes_table_gives_sklearns_ap_and_auroc_ties_included():
+    """evaluate takes each volume's AUPRC/AUROC from the table of its distinct scores (one sort, shared with the
+    pooled counts): the same numbers as scikit-learn's on the voxels."""
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        scores = rng.random(5000).astype(np.float32)
+        scores[rng.random(5000) < 0.5] = 0.0  # outside the brain: one big tie
+        if trial % 2:
+            scores = np.round(scores, 2).astype(np.float32)  # many small ties
+        labels = rng.random(5000) < 0.03
+        scores[labels] += np.float32(0.2)
+        own = ScoreCounts.of_table(ScoreCounts.table(scores, labels))
+        assert own.auprc() == pytest.approx(per_volume_auprc(scores, labels), abs=1e-12)
+        assert own.auroc() == pytest.approx(per_volume_auroc(scores, labels), abs=1e-12)

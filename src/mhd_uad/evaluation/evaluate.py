@@ -59,8 +59,6 @@ from mhd_uad.evaluation.metrics import (
     dice,
     find_best_threshold,
     mean_std,
-    per_volume_auprc,
-    per_volume_auroc,
 )
 from mhd_uad.evaluation.overlap import evaluation_workers, overlapped
 from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shared_folder, unstash
@@ -277,12 +275,14 @@ def volume_scores(r: ScorerFold, scorer: str, amap: np.ndarray, valid: np.ndarra
     """Everything one scorer's map of one test volume adds to its fold's results (reads `r`'s thresholds,
     changes nothing: safe in a CPU thread beside others)."""
     scores = _counted(amap, valid)
+    oracle, fpr, table = conventions(r, scorer, amap, valid, truth, steps)
+    # AP and AUROC of the volume from its table (scikit-learn's, from the one sort the table took; tested);
     # a lesion outside the grid: AP/AUROC undefined (left out of the means), Dice still counted
-    auprc = per_volume_auprc(scores, truth) if truth.any() else np.nan
-    auroc = per_volume_auroc(scores, truth) if truth.any() else np.nan
+    own = ScoreCounts.of_table(table)
+    auprc, auroc = (own.auprc(), own.auroc()) if truth.any() else (np.nan, np.nan)
     hist = ScoreHistogram.counts(scores, truth) if histogram else None
-    return VolumeScores(auprc, auroc, dice(_counted(_predict(scorer, amap, r.threshold), valid), truth),
-                        *conventions(r, scorer, amap, valid, truth, steps), hist)
+    return VolumeScores(auprc, auroc, dice(_counted(_predict(scorer, amap, r.threshold), valid), truth), oracle,
+                        fpr, table, hist)
 
 
 @dataclass

@@ -249,6 +249,14 @@ class ScoreCounts:
         neg = np.bincount(inverse[~g], minlength=values.size).astype(np.int64)
         return values, pos, neg
 
+    @classmethod
+    def of_table(cls, table: tuple[np.ndarray, np.ndarray, np.ndarray]) -> ScoreCounts:
+        """The pool of one volume's `table` (its `auprc`/`auroc` are the volume's: scikit-learn's
+        average_precision_score/roc_auc_score on its voxels, from the one sort the table took)."""
+        counts = cls()
+        counts.values, counts.pos, counts.neg = table
+        return counts
+
     def add(self, scores: Any, labels: Any) -> None:
         """Pool the voxels of one volume (scores and labels of the same size; labels binarised > 0)."""
         self._append(self.table(scores, labels))
