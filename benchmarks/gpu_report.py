@@ -49,24 +49,40 @@ def paper_hours(train_slices_per_s: float, eval_scans_per_s: float) -> dict[int,
     return out
 
 
+def training_rate(r: dict, folder: Path) -> tuple[float, str]:
+    """(slices/s, where it comes from): the train stage's rate when the report has it, else the model-only
+    training step of the profile's precision from paper_profile.json in the same folder (the step alone: a
+    bound the stage approaches when its input keeps up)."""
+    if "train_slices_per_s" in r:
+        return float(r["train_slices_per_s"]), "in the train stage"
+    profile = folder / "paper_profile.json"
+    if profile.is_file():
+        rows = [row for row in json.loads(profile.read_text()).get("rows", [])
+                if row.get("phase") == "train" and row.get("variant") == "fp16"]
+        if rows:
+            return float(rows[0]["throughput"]), "in the fp16 training step alone (paper_profile.json; the train stage was not measured)"
+    raise SystemExit(f"{folder}: neither a train-stage rate nor paper_profile.json's fp16 training step")
+
+
 def report(folder: Path) -> str:
     path = folder / "pipeline_throughput_paper.json"
     if not path.is_file():
         raise SystemExit(f"{path}: not found (run benchmarks/gpu_check.sh or pipeline_throughput.py --profile paper "
                          "--report DIR on a GPU first)")
     r = json.loads(path.read_text())
-    for key in ("train_slices_per_s", "eval_scans_per_s"):
-        if key not in r:
-            raise SystemExit(f"{path}: no {key} (the report lacks the train or eval part)")
+    if "eval_scans_per_s" not in r:
+        raise SystemExit(f"{path}: no eval_scans_per_s (the report lacks the eval part)")
+    train_rate, train_source = training_rate(r, folder)
     device = (folder / "device.txt").read_text().strip() if (folder / "device.txt").is_file() else r["device"]
     lines = [f"The last GPU check ran on **{device.split('|')[0].strip()}** (torch, CUDA: "
              f"{' / '.join(p.strip() for p in device.split('|')[1:]) or r['torch']}; {r['cpu_count']} CPUs).", ""]
     if (folder / "summary.txt").is_file():
         lines += ["Steps of `make gpu-check`:", "", "```", (folder / "summary.txt").read_text().strip(), "```", ""]
-    table = (folder / "pipeline_throughput_paper.md").read_text().strip().splitlines()
-    lines += [line for line in table if not line.startswith("# ")]
-    hours = paper_hours(r["train_slices_per_s"], r["eval_scans_per_s"])
-    lines += ["", f"The paper run at these rates ({r['train_slices_per_s']:.0f} slices/s in the train stage, "
+    table = [line for line in (folder / "pipeline_throughput_paper.md").read_text().splitlines()
+             if not line.startswith("# ")]
+    lines += "\n".join(table).strip().splitlines()
+    hours = paper_hours(train_rate, r["eval_scans_per_s"])
+    lines += ["", f"The paper run at these rates ({train_rate:.0f} slices/s {train_source}, "
               f"{r['eval_scans_per_s']:.2f} scans/s in the evaluate stage; `benchmarks/gpu_report.py`):", "",
               "| GPUs | training (10 fits × 14.4k steps × 32 slices) | evaluation (5 folds × "
               f"{sum(SCANS_PER_FOLD.values())} scans) | total |", "|---:|---:|---:|---:|"]

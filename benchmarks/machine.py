@@ -15,3 +15,21 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_name(device, threads: bool = False) -> str:
+    """A torch device by name: the GPU's (torch.cuda.get_device_name), or "CPU <model>" (with torch's thread
+    count when `threads`)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_name()}" + (f", {torch.get_num_threads()} threads" if threads else "")
+
+
+def synchronize(device) -> None:
+    """Wait for a GPU's queued work (nothing to wait for on a CPU): before and after a timed region."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

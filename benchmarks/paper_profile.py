@@ -41,7 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from eval_throughput import brain_volume
-from machine import cpu_name
+from machine import device_name, synchronize
 from mhd_uad.config import compose
 from mhd_uad.errors import MhdUadError
 from mhd_uad.evaluation.report import readme_block_from
@@ -117,17 +117,6 @@ def variants(device: torch.device) -> list[Variant]:
         out.append(Variant("bf16", "bf16"))
     out += [Variant(f"{low}+channels_last", low, channels_last=True), Variant(f"{low}+compile", low, compile_model=True)]
     return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {cpu_name()}"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -41,24 +41,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the stages' progress bars (read wh
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from machine import cpu_name  # noqa: E402
+from machine import device_name  # noqa: E402
+from machine import synchronize as sync  # noqa: E402
 from mhd_uad.io import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("input", "train", "eval")
 IXI_TRAIN, IXI_VAL = 385, 44  # volumes of one published IXI fold (method.md §2.1)
 AUGMENTATIONS = ("gamma", "bias_field", "blur", "ghosting")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -303,8 +293,9 @@ def report_markdown(r: dict) -> str:
              f"`python benchmarks/pipeline_throughput.py --profile {r['profile']} --parts {','.join(r['parts'])}`.",
              "", "| part | measured | reference in the same run | ratio |", "|---|---:|---:|---:|"]
     if "input_slices_per_s" in r:
-        lines.append(f"| training input (loader, {r['input_workers']} workers, + slices and augmentation on the "
-                     f"device) | {r['input_slices_per_s']:.1f} slices/s | | |")
+        workers = f"{r['input_workers']} worker" + ("s" if r["input_workers"] != 1 else "")
+        lines.append(f"| training input (loader with {workers}, then slices and augmentation on the device) | "
+                     f"{r['input_slices_per_s']:.1f} slices/s | | |")
     if "train_slices_per_s" in r:
         lines.append(f"| `train` stage ({r['train_precision']}{', compiled' if r['train_compiled'] else ''}, "
                      f"batch {r['batch_size']}) | {r['train_slices_per_s']:.1f} slices/s | model-only step "
@@ -341,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", default=None, help="folder for the data (kept and reused)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--report", default=None, help="folder for pipeline_throughput_<profile>.md and .json")
+    parser.add_argument("--readme", default=None, help="put the report into this README's block for the profile")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.num_workers=4")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -353,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     x, y, z = (int(v) for v in params.prepare.grid)
-    result = {"profile": args.profile, "parts": parts, "device": device_name(device), "cpu_count": cpus,
+    result = {"profile": args.profile, "parts": parts, "device": device_name(device, threads=True), "cpu_count": cpus,
               "torch": torch.__version__, "grid": f"{x}×{y}×{z}", "batch_size": int(params.train.batch_size)}
     keep = Path(args.keep).resolve() if args.keep else None
     root = keep or Path(tempfile.mkdtemp(prefix="pipeline-throughput-"))
@@ -378,8 +370,19 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(cwd)
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    print(write(result, args))
+    text = write(result, args)
+    print(text)
+    if args.readme:
+        from mhd_uad.evaluation.report import replace_readme_block
+
+        start, end = readme_markers(args.profile)
+        replace_readme_block(args.readme, start, end, "\n".join(text.strip().splitlines()[2:]))  # no title
     return 0
+
+
+def readme_markers(profile: str) -> tuple[str, str]:
+    return (f"<!-- pipeline-throughput-{profile}:start (written by `benchmarks/pipeline_throughput.py --profile "
+            f"{profile} --readme README.md`; do not edit) -->", f"<!-- pipeline-throughput-{profile}:end -->")
 
 
 def write(result: dict, args) -> str:
