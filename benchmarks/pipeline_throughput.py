@@ -244,7 +244,7 @@ def measure_eval(params, overrides: list[str], root: Path, dataset: str, device:
     from mhd_uad.evaluation.overlap import evaluation_workers
     from mhd_uad.models.checkpoint import CDDPM_FORMAT, cddpm_path, save_checkpoint
     from mhd_uad.models.factory import build_cddpm, model_spec
-    from mhd_uad.models.inference import MhdSettings, reconstruct_scan
+    from mhd_uad.models.inference import MhdSettings, maps_on_device, reconstruct_scan
 
     ev_params = project_params(str(params.profile_name), overrides, root,
                                *[f"~datasets.{d}" for d in params.datasets if d != dataset])
@@ -262,11 +262,17 @@ def measure_eval(params, overrides: list[str], root: Path, dataset: str, device:
     scans = len(ev.val_pos) + len(ev.test_pos)
     settings = MhdSettings.from_params(ev_params)
     run_evaluate(ev_params, dataset, root)  # warm-up: kernels, cuDNN's choices, caches
-    sync(device)
-    t = time.perf_counter()
-    run_evaluate(ev_params, dataset, root)
-    sync(device)
-    stage = scans / (time.perf_counter() - t)
+    where = {}
+    for maps_on in ("cpu", "device"):  # evaluate.maps_on: both measured, the profile's auto is one of them
+        variant = project_params(str(params.profile_name), overrides, root, f"evaluate.maps_on={maps_on}",
+                                 *[f"~datasets.{d}" for d in params.datasets if d != dataset])
+        sync(device)
+        t = time.perf_counter()
+        run_evaluate(variant, dataset, root)
+        sync(device)
+        where[maps_on] = scans / (time.perf_counter() - t)
+    auto = "device" if maps_on_device(settings, device) else "cpu"
+    stage = where[auto]
     model = model.to(device).eval()
     ensemble = "cddpm" in settings.scorers
     images = [np.asarray(ev.prepared.images[p]) for p in (*ev.val_pos, *ev.test_pos)]
@@ -278,7 +284,8 @@ def measure_eval(params, overrides: list[str], root: Path, dataset: str, device:
     sync(device)
     alone = scans / (time.perf_counter() - t)
     return {"eval_scans_per_s": stage, "reconstruct_only_scans_per_s": alone, "eval_over_reconstruct_only":
-            stage / alone, "eval_scans": scans, "eval_dataset": dataset, "num_reconstructions":
+            stage / alone, "eval_maps_on": auto, "eval_scans_per_s_maps_on_cpu": where["cpu"],
+            "eval_scans_per_s_maps_on_device": where["device"], "eval_scans": scans, "eval_dataset": dataset, "num_reconstructions":
             settings.num_reconstructions, "scorers": list(settings.scorers),
             "eval_workers": evaluation_workers(ev_params.evaluate.get("workers", "auto"), device),
             "mhd": {k: v for k, v in to_plain(ev_params.mhd).items() if k in ("precision", "max_batch",
@@ -302,8 +309,13 @@ def report_markdown(r: dict) -> str:
                      f"{r['model_only_slices_per_s']:.1f} slices/s | {r['train_over_model_only']:.2f}× |")
     if "eval_scans_per_s" in r:
         lines.append(f"| `evaluate` stage ({len(r['scorers'])} scorers, N = {r['num_reconstructions']}, "
-                     f"{r['eval_workers']} CPU workers) | {r['eval_scans_per_s']:.2f} scans/s | reconstructions "
-                     f"alone {r['reconstruct_only_scans_per_s']:.2f} scans/s | {r['eval_over_reconstruct_only']:.2f}× |")
+                     f"{r['eval_workers']} CPU workers, maps on the {r.get('eval_maps_on', 'cpu')}) | "
+                     f"{r['eval_scans_per_s']:.2f} scans/s | reconstructions alone "
+                     f"{r['reconstruct_only_scans_per_s']:.2f} scans/s | {r['eval_over_reconstruct_only']:.2f}× |")
+        if "eval_scans_per_s_maps_on_cpu" in r:
+            cpu, dev = r["eval_scans_per_s_maps_on_cpu"], r["eval_scans_per_s_maps_on_device"]
+            lines.append(f"| `evaluate` stage, maps on the device (`evaluate.maps_on=device`) | {dev:.2f} scans/s | "
+                         f"maps on the CPU {cpu:.2f} scans/s | {dev / cpu:.2f}× |")
     if "augment_ms_per_volume" in r:
         lines += ["", "Per volume (ms): loading, and each augmentation alone on the device against torchio's "
                   "transform on one CPU core (the original's path).", "",

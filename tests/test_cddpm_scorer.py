@@ -246,3 +246,40 @@ def test_channels_last_passes_give_the_same_reconstructions():
     assert next(p for p in model.unet.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_allclose(fast, default, atol=1e-5)
     assert np.abs(default - default.mean()).max() > 1e-3  # a real, non-constant output was compared
+
+
+def test_maps_made_on_the_device_equal_the_cpu_maps_and_keep_the_reconstructions_when_asked():
+    """evaluate.maps_on=device (auto on a GPU): device_part makes the maps in torch where the model runs
+    (scoring.device_maps); here the device is the CPU, and the maps equal the numpy path's to 1e-5."""
+    from dataclasses import replace
+
+    from mhd_uad.models.inference import cpu_part, device_part, maps_on_device
+    from mhd_uad.scoring.anomaly_maps import SCORERS
+
+    model = ConditionedDDPM(_StubUNet(), _CountingEncoder())
+    image, mask = _volume(2)
+    on_cpu = replace(_settings(SCORERS), maps_on="cpu")
+    on_device = replace(on_cpu, maps_on="device")
+    assert not maps_on_device(replace(on_cpu, maps_on="auto"), torch.device("cpu"))
+    assert maps_on_device(replace(on_cpu, maps_on="auto"), torch.device("cuda")) and maps_on_device(on_device, "cpu")
+    reference, reference_mean = cpu_part(image, mask, device_part(model, image, mask, on_cpu, "scan-a"), on_cpu)
+    made = device_part(model, image, mask, on_device, "scan-a")
+    assert made.maps is not None and made.recos is None
+    maps, mean = cpu_part(image, mask, made, on_device)
+    assert list(maps) == list(SCORERS)
+    for s in SCORERS:
+        np.testing.assert_allclose(maps[s], reference[s], atol=1e-5, rtol=0, err_msg=s)
+    np.testing.assert_allclose(mean, reference_mean, atol=1e-6)
+    diag = {}
+    kept = device_part(model, image, mask, on_device, "scan-a", keep_reconstructions=True)
+    cpu_part(image, mask, kept, on_device, diagnostics=diag)
+    assert kept.recos is not None and 0 <= diag["residual_share_in_span"] <= 1
+    with pytest.raises(MhdUadError, match="keep_reconstructions"):
+        cpu_part(image, mask, made, on_device, diagnostics={})
+
+
+def test_maps_on_must_name_a_place(params):
+    p = copy.deepcopy(params)
+    p.evaluate.maps_on = "gpu"
+    with pytest.raises(ConfigError, match=r"evaluate\.maps_on"):
+        MhdSettings.from_params(p)

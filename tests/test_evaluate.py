@@ -59,13 +59,13 @@ def evaluated(tiny_model, tmp_path_factory):
         raise
     quirks = _published_quirks(root, params)
     scored = []
-    original = evaluate.reconstruct_scan
+    original = evaluate.device_part
 
-    def counting(model, image, settings, scan, *args, **kwargs):
+    def counting(model, image, mask, settings, scan, *args, **kwargs):
         scored.append(scan)
-        return original(model, image, settings, scan, *args, **kwargs)
+        return original(model, image, mask, settings, scan, *args, **kwargs)
 
-    mp.setattr(evaluate, "reconstruct_scan", counting)
+    mp.setattr(evaluate, "device_part", counting)
     try:
         out = evaluate.run_evaluate(params, "MSLUB", root)
     finally:
@@ -166,6 +166,24 @@ def test_cpu_threads_beside_the_device_write_what_one_thread_writes(evaluated, t
     for path in sorted((evaluated[0] / "artifacts" / "maps" / "MSLUB").glob("*.nii.gz")):
         np.testing.assert_array_equal(load_nifti(root / "artifacts" / "maps" / "MSLUB" / path.name)[0],
                                       load_nifti(path)[0])
+
+
+def test_maps_made_on_the_device_give_the_same_metrics(evaluated, tmp_path, monkeypatch):
+    """evaluate.maps_on=device (the default on a GPU; here the device is the CPU): the maps in torch equal the
+    numpy maps to 1e-5, so every metric agrees closely and every scan's source-space map too."""
+    root = copy_project(evaluated[0], tmp_path / "device")
+    healthy.write_thresholds(healthy.thresholds_path(root, "t2", 0), evaluated[3]["thresholds"])
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    out = evaluate.run_evaluate(shrunk_params("datasets.MSLUB.ignore_labels=[2]", "evaluate.maps_on=device"), "MSLUB",
+                                root)
+    got, expected = json.loads(out.read_text()), evaluated[1]
+    for scorer in SCORERS:
+        for key in ("auprc", "auroc", "auprc_pooled", "dice_oracle"):
+            assert got[scorer][key] == pytest.approx(expected[scorer][key], abs=1e-3), (scorer, key)
+    for path in sorted((evaluated[0] / "artifacts" / "maps" / "MSLUB").glob("*.nii.gz")):
+        np.testing.assert_allclose(load_nifti(root / "artifacts" / "maps" / "MSLUB" / path.name)[0],
+                                   load_nifti(path)[0], atol=1e-5)
 
 
 def test_a_lesion_outside_the_grid_is_counted_and_ignored_labels_count_nowhere(evaluated):

@@ -198,15 +198,15 @@ def test_score_healthy_scores_the_val_scans_and_writes_every_scorers_thresholds(
     monkeypatch.setattr(healthy, "log_evaluation", lambda *args: None)
     scored = []
 
-    def fake_reconstruct(model, image, settings, scan, device, ensemble):
+    def fake_device(model, image, mask, settings, scan, device):
         scored.append(scan)
-        return image[None], None
+        return None
 
-    def fake_maps(image, mask, recos, ens, settings):
+    def fake_maps(image, mask, made, settings):
         return {s: image * (k + 1) * (mask > 0) for k, s in enumerate(settings.scorers)}, image
 
-    monkeypatch.setattr(healthy, "reconstruct_scan", fake_reconstruct)
-    monkeypatch.setattr(healthy, "scan_maps", fake_maps)
+    monkeypatch.setattr(healthy, "device_part", fake_device)
+    monkeypatch.setattr(healthy, "cpu_part", fake_maps)
     out = healthy.run_score_healthy(demo_params, "t2", 1, tmp_path)
     assert out == thresholds_path(tmp_path, "t2", 1) and scored == ["h2", "h0"]
     data = json.loads(out.read_text())

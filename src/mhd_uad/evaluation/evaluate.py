@@ -65,13 +65,7 @@ from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shar
 from mhd_uad.evaluation.significance import paired_comparison
 from mhd_uad.io import atomic_path, atomic_write_text, save_nifti
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
-from mhd_uad.models.inference import (
-    MhdSettings,
-    reconstruct_scan,
-    release_device_memory,
-    scan_maps,
-    select_device,
-)
+from mhd_uad.models.inference import MhdSettings, cpu_part, device_part, release_device_memory, select_device
 from mhd_uad.scoring.anomaly_maps import CONNECTED_COMPONENT_SCORERS, connected_component_filter
 from mhd_uad.scoring.diagnostics import map_correlation
 from mhd_uad.tracking import log_evaluation
@@ -183,16 +177,17 @@ class MapStore:
 
 
 def scored_scans(model, ev: EvaluationSet, items: list[tuple[int, int]], settings: MhdSettings, device,
-                 cpu_step, workers: int = 0, desc: str = "") -> Iterator:
-    """cpu_step(i, pos, image, mask, seg, recos, ens) for each (i, pos) of `items`, in their order: the device
-    reconstructs each scan in turn (`reconstruct_scan`) while `workers` CPU threads run the CPU steps of the
-    scans before it (evaluation.overlap; inline with 0 workers)."""
-    ensemble = "cddpm" in settings.scorers
+                 cpu_step, workers: int = 0, desc: str = "", keep_reconstructions: bool = False) -> Iterator:
+    """cpu_step(i, pos, image, mask, seg, made) for each (i, pos) of `items`, in their order: the device
+    makes each scan in turn (`device_part`: the reconstructions, and the maps when evaluate.maps_on puts them
+    there) while `workers` CPU threads run the CPU steps of the scans before it (evaluation.overlap; inline
+    with 0 workers)."""
 
     def device_step(item):
         i, pos = item
         image, mask, seg = ev.volume(pos)
-        return image, mask, seg, *reconstruct_scan(model, image, settings, ev.prepared.names[pos], device, ensemble)
+        return image, mask, seg, device_part(model, image, mask, settings, ev.prepared.names[pos], device,
+                                             keep_reconstructions=keep_reconstructions)
 
     def finish(item, made):
         return cpu_step(*item, *made)
@@ -205,9 +200,9 @@ def val_thresholds(model, ev: EvaluationSet, settings: MhdSettings, device, step
     """Each scorer's Dice-optimal threshold on the pooled voxels of the val split (method.md §6); under
     torchrun each rank scores its share of the scans, and rank 0 searches on all of them in the list's order."""
 
-    def counted_voxels(i, pos, image, mask, seg, recos, ens):
+    def counted_voxels(i, pos, image, mask, seg, made):
         lesion, valid = ev.truth(seg)
-        maps, _ = scan_maps(image, mask, recos, ens, settings)
+        maps, _ = cpu_part(image, mask, made, settings)
         counted = {s: _counted(maps[s], valid).ravel() for s in settings.scorers}
         counted[LABELS] = _counted(lesion, valid).ravel()
         return i, shard.stash(Path(work or ".") / f"val_fold{fold}_{i:06d}.npz", counted)
@@ -317,11 +312,11 @@ def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: 
     if histograms is not None and shard.world > 1:
         hist = {s: ScoreHistogram() for s in histograms}
 
-    def scan(i, pos, image, mask, seg, recos, ens) -> ScannedVolume:
+    def scan(i, pos, image, mask, seg, made) -> ScannedVolume:
         lesion, valid = ev.truth(seg)
         truth = _counted(lesion, valid)
         diag = {} if diags is not None else None
-        maps, reco_mean = scan_maps(image, mask, recos, ens, settings, diagnostics=diag)
+        maps, reco_mean = cpu_part(image, mask, made, settings, diagnostics=diag)
         if diag is not None and "nocov" in maps:
             diag["corr_mhd_nocov"] = map_correlation(maps["mhd"], maps["nocov"], mask)
         scores = {s: volume_scores(results[s], s, maps[s], valid, truth, threshold_steps, hist is not None)
@@ -332,7 +327,7 @@ def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: 
         return ScannedVolume(i, row, scores, maps["mhd"], reco_mean, diag)
 
     for done in scored_scans(model, ev, shard.mine(ev.test_pos), settings, device, scan, workers,
-                             f"{ev.dataset} fold {fold} test"):
+                             f"{ev.dataset} fold {fold} test", keep_reconstructions=diags is not None):
         if diags is not None:
             diags.append(done.diagnostics)
         slot = shard.slot(done.index)

@@ -38,13 +38,7 @@ from mhd_uad.evaluation.overlap import evaluation_workers, overlapped
 from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shared_folder, unstash
 from mhd_uad.io import atomic_write_text
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
-from mhd_uad.models.inference import (
-    MhdSettings,
-    reconstruct_scan,
-    release_device_memory,
-    scan_maps,
-    select_device,
-)
+from mhd_uad.models.inference import MhdSettings, cpu_part, device_part, release_device_memory, select_device
 from mhd_uad.tracking import log_evaluation
 
 log = logging.getLogger(__name__)
@@ -72,16 +66,14 @@ def pooled_brain_scores(model, ps: PreparedSet, positions: list[int], settings: 
     Under torchrun each rank scores its share; rank 0 returns the pool of all of them, the others ({}, 0).
     With `workers`, the maps of a scan are made in CPU threads while the device reconstructs the next
     (evaluation.overlap)."""
-    ensemble = "cddpm" in settings.scorers
-
     def device_step(item):
         i, pos = item
         image, mask = np.asarray(ps.images[pos]), np.asarray(ps.masks[pos])
-        return image, mask, *reconstruct_scan(model, image, settings, ps.names[pos], device, ensemble)
+        return image, mask, device_part(model, image, mask, settings, ps.names[pos], device)
 
     def brain_scores(item, made):
-        (i, _), (image, mask, recos, ens) = item, made
-        maps, _ = scan_maps(image, mask, recos, ens, settings)
+        (i, _), (image, mask, scanned) = item, made
+        maps, _ = cpu_part(image, mask, scanned, settings)
         brain = mask > 0
         return i, shard.stash(Path(work or ".") / f"healthy_{i:06d}.npz", {s: maps[s][brain] for s in settings.scorers})
 

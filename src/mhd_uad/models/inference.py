@@ -23,6 +23,7 @@ from mhd_uad.errors import MhdUadError
 from mhd_uad.scoring.anomaly_maps import SCORERS, anomaly_maps
 from mhd_uad.scoring.diagnostics import residual_share_in_span
 
+MAPS_ON = ("auto", "cpu", "device")
 PRECISIONS = {"32": None, "32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
@@ -37,6 +38,7 @@ class MhdSettings:
     scorers: tuple[str, ...]
     cddpm_t_indices: tuple[int, ...] = ()  # 0-based; the cddpm scorer's noise levels 250/500/750 -> 249/499/749
     channels_last: bool | None = False  # NHWC memory format for the passes (the same maths); None: auto
+    maps_on: str = "cpu"  # where the anomaly maps are made: cpu, device, or auto (the device when it is a GPU)
 
     @classmethod
     def from_params(cls, params) -> MhdSettings:
@@ -59,8 +61,10 @@ class MhdSettings:
                 "[250, 500, 750])")
         t_indices = () if levels is None else _cddpm_t_indices(levels, timesteps)
         channels_last = auto_switch(m.get("channels_last", False), "mhd.channels_last")
+        maps_on = params.evaluate.get("maps_on", "auto")
+        require(maps_on in MAPS_ON, f"evaluate.maps_on must be one of {', '.join(MAPS_ON)}, got {maps_on!r}")
         return cls(n, level - 1, float(m.ridge), int(m.seed), int(m.max_batch), str(m.precision), scorers,
-                   t_indices, channels_last)
+                   t_indices, channels_last, str(maps_on))
 
 
 def use_channels_last(setting: bool | None, device: torch.device) -> bool:
@@ -123,11 +127,12 @@ def _autocast(device: torch.device, precision: str):
 
 
 def reconstruct_scan(model, image: np.ndarray, settings: MhdSettings, scan: str,
-                     device: torch.device | str = "cpu", ensemble: bool = False
+                     device: torch.device | str = "cpu", ensemble: bool = False, keep_on_device: bool = False
                      ) -> tuple[np.ndarray, np.ndarray | None]:
     """[S, H, W] in [0, 1] -> (its N reconstructions [N, S, H, W] at settings.t_index, and with `ensemble`
     the cddpm scorer's L reconstructions [L, S, H, W], one at each of settings.cddpm_t_indices, else None);
-    float32, [0, 1] scale, from one encoder pass."""
+    float32, [0, 1] scale, from one encoder pass; numpy arrays, or tensors on the device with
+    `keep_on_device`."""
     if ensemble and not settings.cddpm_t_indices:
         raise MhdUadError("the cddpm scorer needs mhd.cddpm_noise_levels (method.md §4.6: [250, 500, 750])")
     device = torch.device(device)
@@ -145,8 +150,10 @@ def reconstruct_scan(model, image: np.ndarray, settings: MhdSettings, scan: str,
             ens_seeds = ensemble_seeds(settings.seed, scan, settings.cddpm_t_indices)
             ens = torch.cat([model.reconstruct_many(x, t, [seed], cond=cond, max_batch=settings.max_batch)
                              for t, seed in zip(settings.cddpm_t_indices, ens_seeds, strict=True)])
-    recos = recos[:, :, 0].float().cpu().numpy()
-    return recos, None if ens is None else ens[:, :, 0].float().cpu().numpy()
+    recos, ens = recos[:, :, 0].float(), None if ens is None else ens[:, :, 0].float()
+    if keep_on_device:
+        return recos, ens
+    return recos.cpu().numpy(), None if ens is None else ens.cpu().numpy()
 
 
 def reconstruct_volume(model, image: np.ndarray, settings: MhdSettings, scan: str,
@@ -155,24 +162,70 @@ def reconstruct_volume(model, image: np.ndarray, settings: MhdSettings, scan: st
     return reconstruct_scan(model, image, settings, scan, device)[0]
 
 
-def scan_maps(image: np.ndarray, mask: np.ndarray, recos: np.ndarray, ens: np.ndarray | None,
-              settings: MhdSettings, scorers: tuple[str, ...] | None = None, diagnostics: dict | None = None):
-    """The CPU part of scoring a scan: its anomaly maps ({scorer: [S, H, W]}) and its mean reconstruction
-    from the reconstructions `reconstruct_scan` made. With a `diagnostics` dict, its "residual_share_in_span"
-    is set (scoring.diagnostics)."""
+def maps_on_device(settings: MhdSettings, device: torch.device) -> bool:
+    """Whether a scan's anomaly maps are made on the device (evaluate.maps_on; auto: on a GPU)."""
+    return settings.maps_on == "device" or (settings.maps_on == "auto" and torch.device(device).type == "cuda")
+
+
+@dataclass
+class DeviceScan:
+    """What the device made of one scan: its reconstructions (on the CPU, when the maps are made there or
+    diagnostics need them), or its maps and mean reconstruction made on the device (`maps_on_device`)."""
+
+    recos: np.ndarray | None = None
+    ens: np.ndarray | None = None
+    maps: dict[str, np.ndarray] | None = None
+    reco_mean: np.ndarray | None = None
+
+
+def device_part(model, image: np.ndarray, mask: np.ndarray, settings: MhdSettings, scan: str,
+                device: torch.device | str = "cpu", scorers: tuple[str, ...] | None = None,
+                keep_reconstructions: bool = False) -> DeviceScan:
+    """The device's part of scoring a scan: the reconstructions, and the maps too when they are made on the
+    device (scoring.device_maps, equal to scoring.anomaly_maps to 1e-5). `keep_reconstructions` brings the
+    reconstructions back to the CPU in any case (for diagnostics)."""
     scorers = scorers or settings.scorers
-    maps = anomaly_maps(image, recos, mask, ridge=settings.ridge, scorers=scorers, ensemble=ens)
+    device = torch.device(device)
+    ensemble = "cddpm" in scorers
+    if not maps_on_device(settings, device):
+        recos, ens = reconstruct_scan(model, image, settings, scan, device, ensemble)
+        return DeviceScan(recos, ens)
+    from mhd_uad.scoring.device_maps import anomaly_maps_torch
+
+    recos, ens = reconstruct_scan(model, image, settings, scan, device, ensemble, keep_on_device=True)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).to(device)
+        m = torch.from_numpy(np.array(mask, dtype=np.float32)).to(device)
+        maps = anomaly_maps_torch(x, recos, m, ridge=settings.ridge, scorers=scorers, ensemble=ens)
+        out = DeviceScan(maps={k: v.cpu().numpy() for k, v in maps.items()}, reco_mean=recos.mean(0).cpu().numpy())
+    if keep_reconstructions:
+        out.recos = recos.cpu().numpy()
+    return out
+
+
+def cpu_part(image: np.ndarray, mask: np.ndarray, made: DeviceScan, settings: MhdSettings,
+             scorers: tuple[str, ...] | None = None, diagnostics: dict | None = None):
+    """The CPU's part of scoring a scan: its anomaly maps ({scorer: [S, H, W]}, made here unless the device
+    made them) and its mean reconstruction. With a `diagnostics` dict, its "residual_share_in_span" is set
+    (scoring.diagnostics; needs the reconstructions on the CPU)."""
+    scorers = scorers or settings.scorers
+    if made.maps is not None:
+        maps, reco_mean = made.maps, made.reco_mean
+    else:
+        maps = anomaly_maps(image, made.recos, mask, ridge=settings.ridge, scorers=scorers, ensemble=made.ens)
+        reco_mean = made.recos.mean(axis=0)
     if diagnostics is not None:
-        diagnostics["residual_share_in_span"] = residual_share_in_span(image, recos, mask)
-    return maps, recos.mean(axis=0)
+        if made.recos is None:
+            raise MhdUadError("diagnostics need the reconstructions: device_part(..., keep_reconstructions=True)")
+        diagnostics["residual_share_in_span"] = residual_share_in_span(image, made.recos, mask)
+    return maps, reco_mean
 
 
 def score_volume(model, image: np.ndarray, mask: np.ndarray, settings: MhdSettings, scan: str,
                  device: torch.device | str = "cpu", scorers: tuple[str, ...] | None = None,
                  diagnostics: dict | None = None):
     """The anomaly maps of one volume ({scorer: [S, H, W]}) and its mean reconstruction ([S, H, W]): the
-    device part (`reconstruct_scan`; the cddpm scorer's ENS reconstructions only when cddpm is among the
-    scorers), then the CPU part (`scan_maps`)."""
-    scorers = scorers or settings.scorers
-    recos, ens = reconstruct_scan(model, image, settings, scan, device, ensemble="cddpm" in scorers)
-    return scan_maps(image, mask, recos, ens, settings, scorers, diagnostics)
+    device part (`device_part`; the cddpm scorer's ENS reconstructions only when cddpm is among the scorers),
+    then the CPU part (`cpu_part`)."""
+    made = device_part(model, image, mask, settings, scan, device, scorers, diagnostics is not None)
+    return cpu_part(image, mask, made, settings, scorers, diagnostics)
