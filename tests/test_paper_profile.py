@@ -1,7 +1,7 @@
 """The `paper` profile end to end on a few demo scans, through the CLI: every shape, dtype and file format.
 
 Demo data prepared on the paper grid (2 mm, 96×96×50); the full paper networks (44.07 M UNet, ResNet-50
-encoder, SparK decoder); SparK pretraining for 1 step; cDDPM training for 2 steps, stopped after the first by
+encoder, SparK decoder); SparK pretraining for 1 step; cDDPM training for 3 steps, stopped after the first or second by
 SIGTERM (what a preempting scheduler sends) and resumed from last.ckpt; the score-healthy and evaluate stages
 on one test set (one val and one test scan) with N = 2; `mhd-uad score` of one scan. Only step counts, batch
 sizes, N, folds, modalities and test sets are shrunk (`SMOKE`); grid, networks, optimisers, scorers, data
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.slow
 FULL = torch.cuda.is_available() or os.environ.get("MHD_UAD_PAPER_SMOKE_FULL") == "1"  # every UNet pass real
 SMOKE = ["profile=paper", "splits.num_folds=1", "train.folds=[0]", "train.modalities=[t2]",
          "~datasets.Brats21", "~datasets.ATLAS_v2", "~datasets.WMH",
-         "pretrain.max_steps=1", "pretrain.batch_size=2", "train.max_steps=2", "train.batch_size=2",
+         "pretrain.max_steps=1", "pretrain.batch_size=2", "train.max_steps=3", "train.batch_size=2",
          "mhd.num_reconstructions=2"]
 SCORERS = ("mhd", "single", "mean", "dmhd", "nocov", "l1_mean_postproc", "cddpm")
 
@@ -188,12 +188,14 @@ def test_checkpoints_hold_the_paper_networks_with_the_paper_spec(paper):
     model, meta = load_cddpm(params, ckpt, "t2")
     unet, encoder = count_parameters(model.unet), count_parameters(model.encoder)
     assert (unet, encoder) == (44_068_481, 24_550_848) and f"{unet / 1e6:.2f} M" == "44.07 M"
-    assert meta["global_step"] == 2 and meta["best_val_loss"] > 0
+    assert meta["global_step"] == 3 and meta["best_val_loss"] > 0
 
 
 def test_the_stopped_training_resumed_from_last_ckpt(paper):
     assert "Received SIGTERM" in paper.logs["train (stopped)"] and "interrupted" in paper.logs["train (stopped)"]
-    assert paper.stopped_at_step == 1
+    # SIGTERM is sent once last.ckpt holds step 1; Lightning acts on it after the step under way, which is step 2
+    # when the next batch was already there (the loader only reads volumes): either way steps remain to resume
+    assert paper.stopped_at_step in (1, 2)
     assert "resuming from" in paper.logs["train (resumed)"] and "last.ckpt" in paper.logs["train (resumed)"]
     assert not (paper.root / "artifacts" / "resume" / "train_t2-fold0").exists()
     import sqlite3

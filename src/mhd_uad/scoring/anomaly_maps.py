@@ -25,7 +25,8 @@ M is the mask as given (its raw values multiply the map, as in the original); Ω
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -167,8 +168,8 @@ def anomaly_maps(
 
     Args:
         image: the scan x, [S,H,W] (axial slices first), numpy or torch.
-        reconstructions: its N reconstructions, [N,S,H,W] (N ≥ 2 for mhd/dmhd; mhd runs on the input's
-            torch device when tensors are given).
+        reconstructions: its N reconstructions, [N,S,H,W] (N ≥ 2 for mhd/dmhd); torch inputs are brought to
+            the CPU (scoring.device_maps makes the same maps on their device).
         mask: brain mask [S,H,W] (raw values multiply the maps; mask > 0 defines the brain), or None.
         ridge: λ of the covariance (method.md: 1e-2).
         scorers: any of SCORERS.
@@ -178,59 +179,95 @@ def anomaly_maps(
     Returns:
         {scorer: float32 [S,H,W] map} in the order requested.
     """
+    names = requested_scorers(scorers)
+    x = _to_numpy(image)
+    r = _to_numpy(reconstructions)
+    m = np.ones(x.shape, dtype=np.float32) if mask is None else _to_numpy(mask)
+    ens = _to_numpy(ensemble) if "cddpm" in names and ensemble is not None else None
+    _check_inputs(x, r, m, ens)
+    check_counts(names, r.shape[0], ens is not None)
+    x = np.asarray(x, dtype=np.float32)
+    m_values = np.asarray(m, dtype=np.float32)
+    math = MapMath(
+        ssim=ssim_map_3d,
+        to_map=distance_to_anomaly_map,
+        l1=l1_anomaly_map,
+        mahalanobis=lambda x, r, brain: _to_numpy(pixelwise_mahalanobis(x, r, brain, ridge=ridge)),
+        diagonal=lambda x, r, brain: diagonal_mahalanobis(x, r, brain, ridge=ridge),
+        absolute=np.abs,
+        float32=lambda v: v.astype(np.float32),
+        mean=lambda v: v.mean(axis=0),
+    )
+    ens = None if ens is None else np.asarray(ens, dtype=np.float32)
+    return assemble_maps(names, x, np.asarray(r, dtype=np.float32), m_values, ens, math)
+
+
+def requested_scorers(scorers: Iterable[str]) -> tuple[str, ...]:
+    """The scorers asked for, checked: each known, none twice."""
     names = tuple(scorers)
     unknown = [s for s in names if s not in SCORERS]
     if unknown:
         raise MhdUadError(f"unknown scorer(s) {unknown}; known: {list(SCORERS)}")
     if len(set(names)) != len(names):
         raise MhdUadError(f"scorers listed twice: {list(names)}")
+    return names
 
-    x = _to_numpy(image)
-    r = _to_numpy(reconstructions)
-    m = np.ones(x.shape, dtype=np.float32) if mask is None else _to_numpy(mask)
-    ens = _to_numpy(ensemble) if "cddpm" in names and ensemble is not None else None
-    _check_inputs(x, r, m, ens)
-    if "cddpm" in names and ens is None:
+
+def check_counts(names: tuple[str, ...], n_reconstructions: int, has_ensemble: bool) -> None:
+    """cddpm needs its ensemble, mhd and dmhd at least two reconstructions."""
+    if "cddpm" in names and not has_ensemble:
         raise MhdUadError("the cddpm scorer needs its ensemble reconstructions (one per noise level, [L,S,H,W])")
-    if r.shape[0] < 2 and {"mhd", "dmhd"} & set(names):
-        raise MhdUadError(f"mhd and dmhd need N >= 2 reconstructions, got N={r.shape[0]}")
-    x = np.asarray(x, dtype=np.float32)
-    m_values = np.asarray(m, dtype=np.float32)
+    if n_reconstructions < 2 and {"mhd", "dmhd"} & set(names):
+        raise MhdUadError(f"mhd and dmhd need N >= 2 reconstructions, got N={n_reconstructions}")
+
+
+@dataclass(frozen=True)
+class MapMath:
+    """The operations the scorers are assembled from, for one array library (numpy here; torch on the device
+    in scoring.device_maps): the same assembly, `assemble_maps`, serves both."""
+
+    ssim: Callable  # (a, b) -> SSIM map
+    to_map: Callable  # (distance, 1 − SSIM, mask values) -> S·M·G·M
+    l1: Callable  # (x, x̂, brain) -> the cDDPM post-processed L1 map
+    mahalanobis: Callable  # (x, recos, brain) -> pixel-wise Mahalanobis distance
+    diagonal: Callable  # (x, recos, brain) -> the diagonal-covariance distance
+    absolute: Callable
+    float32: Callable
+    mean: Callable  # mean over the first axis
+
+
+def assemble_maps(names: tuple[str, ...], x, r, m_values, ens, math: MapMath) -> dict:
+    """Every requested scorer's map from float32 x [S,H,W], reconstructions r [N,S,H,W], mask values and the
+    ensemble (cddpm only), sharing μ, SSIM(μ, x) and |x − μ| between scorers."""
     brain = m_values > 0
+    mu = math.mean(r)
+    cache: dict = {}
 
-    r = np.asarray(r, dtype=np.float32)
-    mu = r.mean(axis=0)
-    cache: dict[str, np.ndarray] = {}
-
-    def mean_ssim_residual() -> np.ndarray:
+    def mean_ssim_residual():
         if "s_mean" not in cache:
-            cache["s_mean"] = 1.0 - ssim_map_3d(mu, x)
+            cache["s_mean"] = 1.0 - math.ssim(mu, x)
         return cache["s_mean"]
 
-    def abs_residual() -> np.ndarray:
+    def abs_residual():
         if "abs" not in cache:
-            cache["abs"] = np.abs(x - mu)
+            cache["abs"] = math.absolute(x - mu)
         return cache["abs"]
 
-    out: dict[str, np.ndarray] = {}
+    out: dict = {}
     for name in names:
         if name == "mhd":
-            # keep torch inputs as torch (possibly on GPU); the result comes back as numpy below
-            src = (image, reconstructions, mask) if hasattr(image, "detach") else (x, r, brain)
-            distance = _to_numpy(pixelwise_mahalanobis(*src, ridge=ridge))
-            out[name] = distance_to_anomaly_map(distance, mean_ssim_residual(), m_values)
+            out[name] = math.to_map(math.mahalanobis(x, r, brain), mean_ssim_residual(), m_values)
         elif name == "dmhd":
-            distance = diagonal_mahalanobis(x, r, brain, ridge=ridge)
-            out[name] = distance_to_anomaly_map(distance, mean_ssim_residual(), m_values)
+            out[name] = math.to_map(math.diagonal(x, r, brain), mean_ssim_residual(), m_values)
         elif name == "nocov":
-            out[name] = distance_to_anomaly_map(abs_residual() * brain, mean_ssim_residual(), m_values)
+            out[name] = math.to_map(abs_residual() * brain, mean_ssim_residual(), m_values)
         elif name == "mean":
-            out[name] = (mean_ssim_residual() * m_values).astype(np.float32)
+            out[name] = math.float32(mean_ssim_residual() * m_values)
         elif name == "single":
-            out[name] = ((1.0 - ssim_map_3d(r[0], x)) * m_values).astype(np.float32)
+            out[name] = math.float32((1.0 - math.ssim(r[0], x)) * m_values)
         elif name == "l1_mean_postproc":
-            out[name] = l1_anomaly_map(x, mu, brain)
+            out[name] = math.l1(x, mu, brain)
         elif name == "cddpm":
             # §4.6: x̂ = the average of the ENS reconstructions, then the same residual and post-processing
-            out[name] = l1_anomaly_map(x, np.asarray(ens, dtype=np.float32).mean(axis=0), brain)
+            out[name] = math.l1(x, math.mean(ens), brain)
     return out

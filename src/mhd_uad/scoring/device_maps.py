@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mhd_uad.errors import MhdUadError
-from mhd_uad.scoring.anomaly_maps import SCORERS
+from mhd_uad.scoring.anomaly_maps import SCORERS, MapMath, assemble_maps, check_counts, requested_scorers
 from mhd_uad.scoring.mahalanobis import diagonal_mahalanobis, pixelwise_mahalanobis
 from mhd_uad.scoring.ssim import SSIM_K1, SSIM_K2, SSIM_SIGMA, gaussian_window_1d
 
@@ -300,56 +300,21 @@ def anomaly_maps_torch(
     Returns:
         {scorer: float32 [S,H,W] tensor on the image's device} in the order requested.
     """
-    names = tuple(scorers)
-    unknown = [s for s in names if s not in SCORERS]
-    if unknown:
-        raise MhdUadError(f"unknown scorer(s) {unknown}; known: {list(SCORERS)}")
-    if len(set(names)) != len(names):
-        raise MhdUadError(f"scorers listed twice: {list(names)}")
+    names = requested_scorers(scorers)
     ens = ensemble if "cddpm" in names else None
     _check_inputs(image, reconstructions, mask, ens)
-    if "cddpm" in names and ens is None:
-        raise MhdUadError("the cddpm scorer needs its ensemble reconstructions (one per noise level, [L,S,H,W])")
-    if reconstructions.shape[0] < 2 and {"mhd", "dmhd"} & set(names):
-        raise MhdUadError(f"mhd and dmhd need N >= 2 reconstructions, got N={reconstructions.shape[0]}")
-
+    check_counts(names, reconstructions.shape[0], ens is not None)
     x = image.detach().to(torch.float32)
-    r = reconstructions.detach().to(torch.float32)
-    if mask is None:
-        m_values = torch.ones_like(x)
-    else:
-        m_values = mask.detach().to(torch.float32)
-    brain = m_values > 0
-    mu = r.mean(dim=0)
-    cache: dict[str, Tensor] = {}
-
-    def mean_ssim_residual() -> Tensor:
-        if "s_mean" not in cache:
-            cache["s_mean"] = 1.0 - ssim_map_3d_torch(mu, x)
-        return cache["s_mean"]
-
-    def abs_residual() -> Tensor:
-        if "abs" not in cache:
-            cache["abs"] = (x - mu).abs()
-        return cache["abs"]
-
-    out: dict[str, Tensor] = {}
-    for name in names:
-        if name == "mhd":
-            distance = pixelwise_mahalanobis(x, r, brain, ridge=ridge)
-            out[name] = distance_to_anomaly_map_torch(distance, mean_ssim_residual(), m_values)
-        elif name == "dmhd":
-            distance = diagonal_mahalanobis(x, r, brain, ridge=ridge)
-            out[name] = distance_to_anomaly_map_torch(distance, mean_ssim_residual(), m_values)
-        elif name == "nocov":
-            out[name] = distance_to_anomaly_map_torch(abs_residual() * brain, mean_ssim_residual(), m_values)
-        elif name == "mean":
-            out[name] = mean_ssim_residual() * m_values
-        elif name == "single":
-            out[name] = (1.0 - ssim_map_3d_torch(r[0], x)) * m_values
-        elif name == "l1_mean_postproc":
-            out[name] = l1_anomaly_map_torch(x, mu, brain)
-        elif name == "cddpm" and ens is not None:  # ens is never None here (checked above)
-            # §4.6: x̂ = the average of the ENS reconstructions, then the same residual and post-processing
-            out[name] = l1_anomaly_map_torch(x, ens.detach().to(torch.float32).mean(dim=0), brain)
-    return out
+    m_values = torch.ones_like(x) if mask is None else mask.detach().to(torch.float32)
+    math = MapMath(
+        ssim=ssim_map_3d_torch,
+        to_map=distance_to_anomaly_map_torch,
+        l1=l1_anomaly_map_torch,
+        mahalanobis=lambda x, r, brain: pixelwise_mahalanobis(x, r, brain, ridge=ridge),
+        diagonal=lambda x, r, brain: diagonal_mahalanobis(x, r, brain, ridge=ridge),
+        absolute=torch.abs,
+        float32=lambda v: v.to(torch.float32),
+        mean=lambda v: v.mean(dim=0),
+    )
+    ens = None if ens is None else ens.detach().to(torch.float32)
+    return assemble_maps(names, x, reconstructions.detach().to(torch.float32), m_values, ens, math)
