@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from machine import device_name  # noqa: E402
 from machine import synchronize as sync  # noqa: E402
+from mhd_uad.devices import usable_cpus  # noqa: E402
 from mhd_uad.io import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset not in params.datasets:
         parser.error(f"--dataset must be one of {sorted(params.datasets)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = usable_cpus()
     x, y, z = (int(v) for v in params.prepare.grid)
     result = {"profile": args.profile, "parts": parts, "device": device_name(device, threads=True), "cpu_count": cpus,
               "torch": torch.__version__, "grid": f"{x}×{y}×{z}", "batch_size": int(params.train.batch_size)}

@@ -124,6 +124,15 @@ def auto_switch(value, key: str) -> bool | None:
     return value
 
 
+def auto_count(value, key: str, minimum: int) -> int | None:
+    """A count of the params that may be left to the machine: a whole number >= minimum, or auto (None)."""
+    if value == "auto":
+        return None
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"{key} must be auto or a whole number >= {minimum}, got {value!r}")
+    return value
+
+
 def as_int_list(values: Iterable, name: str, length: int | None = None) -> list[int]:
     try:
         out = [int(v) for v in values]

@@ -45,6 +45,11 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or 1)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else all of the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def lock_dir() -> Path:
     return Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "mhd-uad-devices")
 
@@ -107,16 +112,14 @@ def scoring_processes(params, count: Callable[[], int] = _cuda_device_count) -> 
     """How many processes `score-healthy`/`evaluate` spread over (`evaluate.devices`): as given, or for `auto`
     one per visible CUDA device on a CUDA accelerator (1 on a CPU). Inside a launch (torchrun, srun) the
     launcher has decided: 1."""
-    from mhd_uad.config import require
+    from mhd_uad.config import auto_count
 
-    value = params.evaluate.get("devices", 1)
+    value = auto_count(params.evaluate.get("devices", 1), "evaluate.devices", 1)
     if launch_world_size() > 1:
         return 1
-    if value == "auto":
+    if value is None:
         cuda = str(params.trainer.accelerator) in CUDA_ACCELERATORS
         return max(1, len(visible_cuda_devices(count))) if cuda and count() > 0 else 1
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            f"evaluate.devices must be auto or a whole number >= 1, got {value!r}")
     return value
 
 

@@ -100,12 +100,11 @@ class StepTimes(pl.Callback):
         if module.device.type == "cuda":
             torch.cuda.synchronize(module.device)
         self.times.append(time.perf_counter() - self._start)
-        if len(self.times) > self.window or trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0
-                                                                    else float("inf")):
+        if len(self.times) > self.window:
             self.report(trainer, module)
 
-    def on_train_end(self, trainer, module):
-        if not self.done and len(self.times) > 1:
+    def on_train_end(self, trainer, module):  # a fit shorter than the window
+        if not self.done:
             self.report(trainer, module)
 
     def report(self, trainer, module) -> None:

@@ -25,7 +25,6 @@ one full training batch of its own.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from mhd_uad.config import require
+from mhd_uad.config import auto_count, require
 from mhd_uad.data.augment import AugmentParams, AugmentSettings, augment_slices, sample_params
 from mhd_uad.data.prepared import PreparedSet, prepared_name
 from mhd_uad.data.splits import IXI, read_split_csv
+from mhd_uad.devices import usable_cpus
 
 __all__ = ["AugmentSettings", "IXISliceDataModule", "SliceDrawer", "VolumeSliceDataset", "loader_workers"]
 
@@ -48,11 +48,10 @@ MAX_AUTO_WORKERS = 8
 def loader_workers(setting, cuda: bool) -> int:
     """data.num_workers as given, or for `auto`: beside a GPU min(8, CPUs - 1) (loading one volume is a
     memory-mapped read); on a CPU one, which reads the next volumes while the fit computes."""
-    if str(setting) != "auto":
-        require(isinstance(setting, int) and not isinstance(setting, bool) and setting >= 0,
-                f"data.num_workers must be auto or a whole number >= 0, got {setting!r}")
-        return setting
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    count = auto_count(setting, "data.num_workers", 0)
+    if count is not None:
+        return count
+    cpus = usable_cpus()
     if not cuda:
         return 1 if cpus > 1 else 0
     return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
@@ -189,7 +188,8 @@ class IXISliceDataModule(pl.LightningDataModule):
         RNG once: the process's RNG, which draws the slices and augmentations, then does not depend on the
         number of workers (a DataLoader draws its workers' seed from it every epoch without workers, once
         with persistent ones)."""
-        workers, cuda = loader_workers(self.num_workers, self._cuda()), self._cuda()
+        cuda = self._cuda()
+        workers = loader_workers(self.num_workers, cuda)
         seeds = torch.randint(0, 2**62, (2,)).tolist()
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seeds[0])) if train else None
         return DataLoader(dataset, batch_size=self.batch_size // self.slices_per_volume, sampler=sampler,

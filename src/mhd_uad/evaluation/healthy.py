@@ -67,7 +67,7 @@ def pooled_brain_scores(model, ps: PreparedSet, positions: list[int], settings: 
     With `workers`, the maps of a scan are made in CPU threads while the device reconstructs the next
     (evaluation.overlap)."""
     def device_step(item):
-        i, pos = item
+        _, pos = item
         image, mask = np.asarray(ps.images[pos]), np.asarray(ps.masks[pos])
         return image, mask, device_part(model, image, mask, settings, ps.names[pos], device)
 

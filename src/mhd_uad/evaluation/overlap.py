@@ -14,7 +14,6 @@ compete for the same cores and overlapping them gains nothing (`evaluation_worke
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +22,8 @@ from typing import TypeVar
 
 import torch
 
-from mhd_uad.config import require
+from mhd_uad.config import auto_count
+from mhd_uad.devices import usable_cpus
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -42,14 +42,12 @@ class _Failed:
 def evaluation_workers(setting, device: torch.device) -> int:
     """CPU threads that finish scans beside the device: `evaluate.workers` as given, or for `auto` none on a
     CPU (the same cores would do both parts) and min(4, CPUs / 2) beside a GPU."""
-    if str(setting) != "auto":
-        require(isinstance(setting, int) and not isinstance(setting, bool) and setting >= 0,
-                f"evaluate.workers must be auto or a whole number >= 0, got {setting!r}")
-        return setting
+    count = auto_count(setting, "evaluate.workers", 0)
+    if count is not None:
+        return count
     if device.type == "cpu":
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_AUTO_WORKERS, cpus // 2))
+    return max(1, min(MAX_AUTO_WORKERS, usable_cpus() // 2))
 
 
 def overlapped(items: Iterable[T], device_step: Callable[[T], U], cpu_step: Callable[[T, U], V], workers: int,
