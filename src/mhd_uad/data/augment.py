@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mhd_uad.scoring.filters import MIN_SIGMA, gaussian_taps, scipy_reflect
+
 # torchio's defaults, as the original used them
 LOG_GAMMA = (-0.3, 0.3)
 BIAS_COEFFICIENT = 0.5
@@ -44,8 +46,6 @@ GHOST_INTENSITY = (0.5, 1.0)
 GHOST_RESTORE = 0.02  # torchio 0.18.73 restored exactly this (the original); 1.x samples (0, r) or None
 GHOST_AXES = (0, 1, 2)
 
-BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default, which torchio's Blur uses
-_BLUR_MIN_SIGMA = 1e-15  # scipy leaves axes with a σ (in voxels) at or below this untouched
 
 
 def _bias_exponents(order: int) -> list[tuple[int, int, int]]:
@@ -238,32 +238,13 @@ def _sigma_voxels(h: Host, axis: int, spacing: float) -> np.ndarray:
 
 def _needs_axis(h: Host, axis: int, spacing: float) -> np.ndarray:
     """Volumes with a non-identity linear map along an axis."""
-    return (_sigma_voxels(h, axis, spacing) > _BLUR_MIN_SIGMA) | (_ghost_active(h) & (h["ghosting_axis"] == axis))
-
-
-def _blur_taps(sigma: np.ndarray) -> tuple[np.ndarray, int]:
-    """scipy's Gaussian weights at offsets -R..R per row ([m, 2R+1], zero outside each one's radius)."""
-    active = sigma > _BLUR_MIN_SIGMA
-    safe = np.where(active, sigma, 1.0)
-    radius = np.where(active, np.floor(BLUR_TRUNCATE * safe + 0.5), 0.0)  # scipy: int(truncate * σ + 0.5)
-    big = int(radius.max(initial=0.0))
-    t = np.arange(-big, big + 1)
-    w = np.where(np.abs(t) <= radius[:, None], np.exp(-0.5 / (safe * safe)[:, None] * t**2), 0.0)
-    w /= w.sum(axis=1, keepdims=True)
-    w[~active] = t == 0
-    return w, big
-
-
-def _reflect(index, n: int):
-    """scipy.ndimage's 'reflect' extension (d c b a | a b c d | d c b a), repeated for any offset."""
-    r = index % (2 * n)
-    return torch.minimum(r, 2 * n - 1 - r) if isinstance(r, Tensor) else np.minimum(r, 2 * n - 1 - r)
+    return (_sigma_voxels(h, axis, spacing) > MIN_SIGMA) | (_ghost_active(h) & (h["ghosting_axis"] == axis))
 
 
 def _blur_matrices(sigma: np.ndarray, n: int) -> np.ndarray:
     """[m, n, n]: scipy's gaussian_filter1d along an axis of length n as a matrix (identity for σ 0)."""
-    w, big = _blur_taps(sigma)
-    cols = _reflect(np.arange(n)[:, None] + np.arange(-big, big + 1), n)  # [n, T]
+    w, big = gaussian_taps(sigma)  # torchio's Blur is gaussian_filter with its default truncate
+    cols = scipy_reflect(np.arange(n)[:, None] + np.arange(-big, big + 1), n)  # [n, T]
     out, rows = np.zeros((len(w), n, n)), np.arange(n)
     for t in range(2 * big + 1):  # one column per row and tap: no repeated index within an update
         out[:, rows, cols[:, t]] += w[:, t, None]
@@ -413,8 +394,8 @@ def augment_slices(volumes: Tensor, slice_index: Tensor, params: AugmentParams, 
     sel = np.flatnonzero(banded)
     if len(sel):  # blurred along S: each requested row's taps, reflected at the ends as scipy does
         q, sel_d = _select(h, sel), _to(sel, dev)
-        taps, big = _blur_taps(_sigma_voxels(q, 0, spacing))
-        rows = _reflect(idx[sel_d][:, :, None] + torch.arange(-big, big + 1, device=dev), s).flatten(1)
+        taps, big = gaussian_taps(_sigma_voxels(q, 0, spacing))
+        rows = scipy_reflect(idx[sel_d][:, :, None] + torch.arange(-big, big + 1, device=dev), s).flatten(1)
         part = _pointwise_(volumes[sel_d[:, None], rows], q, rows, s).view(len(sel), k, 2 * big + 1, hh, ww)
         parts.append((sel_d, torch.einsum("mt,mkthw->mkhw", _to(taps, dev, torch.float32), part)))
     sel = np.flatnonzero(dense)

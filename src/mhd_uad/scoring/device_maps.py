@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mhd_uad.errors import MhdUadError
 from mhd_uad.scoring.anomaly_maps import SCORERS, MapMath, assemble_maps, check_counts, requested_scorers
+from mhd_uad.scoring.filters import gaussian_taps, scipy_reflect
 from mhd_uad.scoring.mahalanobis import diagonal_mahalanobis, pixelwise_mahalanobis
 from mhd_uad.scoring.ssim import SSIM_K1, SSIM_K2, SSIM_SIGMA, gaussian_window_1d
 
@@ -43,7 +44,6 @@ __all__ = [
 
 _MEDIAN_SIZE = 5  # §4.6: 3-D median filter 5×5×5 (as anomaly_maps.py)
 _EROSION_DIVISOR = 25  # §4.6: iterations = W // 25 (as anomaly_maps.py)
-_SMOOTH_TRUNCATE = 4.0  # scipy gaussian_filter's default truncate, used by smooth_volume
 _MEDIAN_CHUNK_ELEMENTS = 1 << 24  # window values held at once by the median (64 MiB in float32)
 
 
@@ -59,9 +59,10 @@ def _extension_index(n: int, pad: int, mirror: bool, device: torch.device) -> Te
     i = torch.arange(-pad, n + pad, device=device)
     if n == 1:
         return torch.zeros_like(i)
-    period = 2 * n - 2 if mirror else 2 * n
-    i = i.remainder(period)
-    return torch.where(i >= n, period - i if mirror else period - 1 - i, i)
+    if not mirror:
+        return scipy_reflect(i, n)
+    i = i.remainder(2 * n - 2)
+    return torch.where(i >= n, 2 * n - 2 - i, i)
 
 
 def _pad_axis(v: Tensor, dim: int, pad: int, mirror: bool) -> Tensor:
@@ -138,14 +139,6 @@ def ssim_map_3d_torch(
     return ssim.to(torch.float32)
 
 
-def _scipy_gaussian_taps(sigma: float, truncate: float = _SMOOTH_TRUNCATE) -> np.ndarray:
-    """scipy gaussian_filter's 1-D kernel: radius int(truncate·σ + 0.5), normalised exp(−x²/2σ²)."""
-    radius = int(truncate * sigma + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    phi = np.exp(-0.5 / (sigma * sigma) * x**2)
-    return phi / phi.sum()
-
-
 def smooth_volume_torch(v: Tensor, sigma: float = 1.0) -> Tensor:
     """3-D Gaussian smoothing as `anomaly_maps.smooth_volume` (scipy gaussian_filter, mode 'reflect',
     truncate 4, σ in voxels), float64, separable; σ = 0 returns the volume unchanged, as scipy does."""
@@ -155,7 +148,8 @@ def smooth_volume_torch(v: Tensor, sigma: float = 1.0) -> Tensor:
     v = v.to(torch.float64)
     if sigma == 0:
         return v.clone()
-    return _correlate_axes(v, _scipy_gaussian_taps(sigma), dims=range(v.ndim), mirror=False)
+    taps, _ = gaussian_taps(np.array([sigma]))
+    return _correlate_axes(v, taps[0], dims=range(v.ndim), mirror=False)
 
 
 def normalise_min_max_torch(v: Tensor) -> Tensor:
