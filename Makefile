@@ -21,12 +21,15 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP) ## create .venv and install the locked dependencies and the package
 
-demo: $(STAMP) ## generate the demo data when absent, then run the whole DVC pipeline
+RECIPE ?= auto
+
+demo: $(STAMP) ## generate the demo data when absent, then run the whole DVC pipeline (beside a CUDA GPU: the gpu recipe)
 	@if [ ! -d data ]; then \
 	  $(BIN)/mhd-uad demo-data --out data --seed 0 && \
 	  $(BIN)/dvc commit -q -f data.dvc && \
 	  { git diff --quiet -- data.dvc || echo "warning: the generated data differ from the committed data.dvc"; }; \
 	fi
+	@recipe=$$($(BIN)/mhd-uad demo-recipe --recipe $(RECIPE) --apply) && echo "demo recipe: $$recipe"
 	$(BIN)/dvc repro
 	$(BIN)/mhd-uad report --readme README.md
 	$(BIN)/dvc status

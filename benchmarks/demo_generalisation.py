@@ -25,8 +25,9 @@ case and contrast it reports:
   map, both inside the field of view (target >= 2);
 - AP (average precision, %) over the same voxels, the whole-brain AUROC (voxels outside the view at 0) and
   the share of the lesion inside the view, for information;
-- how well the models keep contrast, on the healthy twin: the mean of its N reconstructions minus the scan,
-  on the model's grid and [0, 1] scale, over the brain voxels the scan has bright (>= 0.9) and dark (< 0.3).
+- how well the models keep contrast, on the healthy twin: the mean of its N reconstructions (which `score
+  --out-reconstruction` writes while scoring it) minus the scan, on the model's grid and [0, 1] scale, over
+  the brain voxels the scan has bright (>= 0.9) and dark (< 0.3).
   A model that keeps contrast has both near 0; one that pulls it toward the mean has the bright negative
   and the dark positive, and its map is then highest over the brightest tissue in any scan.
 
@@ -160,8 +161,10 @@ def score_command(
     out: Path,
     checkpoints: list[Path] | None = None,
     overrides: list[str] | None = None,
+    reconstruction: Path | None = None,
 ) -> list[str]:
-    """`mhd-uad score` as a user types it (with --checkpoint for each given checkpoint)."""
+    """`mhd-uad score` as a user types it (with --checkpoint for each given checkpoint, and
+    --out-reconstruction when `reconstruction` is given)."""
     cmd = [
         sys.executable,
         "-m",
@@ -177,6 +180,8 @@ def score_command(
     ]
     for ckpt in checkpoints or ():
         cmd += ["--checkpoint", str(ckpt)]
+    if reconstruction is not None:
+        cmd += ["--out-reconstruction", str(reconstruction)]
     return cmd + list(overrides or ())
 
 
@@ -227,26 +232,40 @@ def scored_field_of_view(scan: Path, mask: Path, overrides: list[str] | None) ->
     return field_of_view(preprocess_scan(scan, mask, None, PrepareSettings.from_params(params)))
 
 
-def reconstruction_bias(scan: Path, mask: Path, modality: str, checkpoints: list[Path],
-                        overrides: list[str] | None) -> dict:
+def reconstruction_file(maps_dir: Path, contrast: str) -> Path:
+    """Where `score_pair` has `mhd-uad score --out-reconstruction` write the healthy twin's mean reconstruction."""
+    return maps_dir / f"healthy_{contrast}_reconstruction.nii.gz"
+
+
+def reconstruction_bias(scan: Path, mask: Path, reconstruction: Path, overrides: list[str] | None) -> dict:
     """Mean reconstruction minus scan over the brain voxels >= 0.9 ("bright") and < 0.3 ("dark"), on the
-    model's grid and [0, 1] scale: the scan preprocessed as `mhd-uad score` does, reconstructed N times with
-    `score`'s seeds by each checkpoint, the checkpoints' means averaged as `score` averages their maps."""
+    model's grid and [0, 1] scale: the scan preprocessed as `mhd-uad score` does, and the mean reconstruction
+    `score --out-reconstruction` wrote in the scan's space (the folds' means averaged, as `score` averages their
+    maps) sampled back onto the model grid (linear). When the model's spacing is an odd multiple of the scan's
+    voxel size (the demo profile's 3 mm over these 1 mm scans) the grid's voxel centres are voxel centres of the
+    scan, and this gives back the grid values `score` computed exactly; otherwise (2 mm over 1 mm, the paper
+    profile) the way there and back smooths them slightly."""
+    import warnings
+
+    import torch
+    import torchio as tio
+
     from mhd_uad.config import load_params
+    from mhd_uad.data.geometry import to_slices
     from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
-    from mhd_uad.models.checkpoint import load_cddpm
-    from mhd_uad.models.inference import MhdSettings, reconstruct_volume, select_device
+    from mhd_uad.io import load_nifti
 
     params = load_params(list(overrides or []), REPO)
     prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(params))
-    settings, device = MhdSettings.from_params(params), select_device(params)  # the device `score` runs on
-    mean = np.zeros(prepared.image.shape, dtype=np.float64)
-    for ckpt in checkpoints:
-        model, _ = load_cddpm(params, ckpt, modality)
-        recos = reconstruct_volume(model.to(device), prepared.image, settings, Path(scan).name, device)
-        mean += recos.mean(axis=0) / len(checkpoints)
+    volume, affine = load_nifti(reconstruction, what="mean reconstruction")
+    geometry = prepared.geometry
+    image = tio.ScalarImage(tensor=torch.from_numpy(volume)[None], affine=affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchio warns about tensors without a path
+        on_grid = tio.Resample((geometry.grid_shape, geometry.grid_affine), image_interpolation="linear")(image)
+    mean = to_slices(on_grid.data[0].numpy())
     image, brain = prepared.image, prepared.mask > 0.5
-    diff = mean - image
+    diff = mean.astype(np.float64) - image
     return {"bias_bright": float(diff[brain & (image >= 0.9)].mean()),
             "bias_dark": float(diff[brain & (image < 0.3)].mean())}
 
@@ -258,7 +277,8 @@ def passes(m: dict) -> bool:
 def score_pair(
     files: dict, maps_dir: Path, checkpoints: dict[str, list[Path]] | None, overrides: list[str] | None
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Score both twins in both contrasts with the CLI: {twin: {contrast: map}} on the scans' grid."""
+    """Score both twins in both contrasts with the CLI: {twin: {contrast: map}} on the scans' grid; the healthy
+    twin's mean reconstructions go to `reconstruction_file(maps_dir, contrast)`."""
     from mhd_uad.io import load_nifti
 
     maps: dict[str, dict[str, np.ndarray]] = {}
@@ -274,6 +294,7 @@ def score_pair(
                     out,
                     None if checkpoints is None else checkpoints[c],
                     overrides,
+                    reconstruction_file(maps_dir, c) if twin == "healthy" else None,
                 )
             )
             maps[twin][c], _ = load_nifti(out, what="anomaly map")
@@ -333,8 +354,8 @@ def run_benchmark(
             }
             for c in CONTRASTS:
                 m = measure(maps["lesioned"][c], maps["healthy"][c], seg, mask, fov)
-                m.update(reconstruction_bias(files["healthy"][c], files["healthy"]["mask"], c, checkpoints[c],
-                                             overrides))
+                m.update(reconstruction_bias(files["healthy"][c], files["healthy"]["mask"],
+                                             reconstruction_file(folder / case, c), overrides))
                 entry["contrasts"][c] = {**{k: round(v, 4) for k, v in m.items()}, "pass": passes(m)}
             results["cases"][case] = entry
     results["seconds"] = {k: round(v, 1) for k, v in results["seconds"].items()}

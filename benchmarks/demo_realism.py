@@ -49,7 +49,7 @@ from mhd_uad.data.geometry import voxel_spacing
 from mhd_uad.data.preprocess import to_canonical
 from mhd_uad.errors import MhdUadError
 from mhd_uad.evaluation.report import readme_block_from
-from mhd_uad.io import atomic_write_text
+from mhd_uad.io import atomic_write_text, json_safe
 
 VOXEL_MM = 2.0
 CONTRASTS = ("t1", "t2")
@@ -97,14 +97,15 @@ def _voxel_mm(affine: np.ndarray) -> float:
 
 
 def _base_reference(name: str, label: str) -> tuple[Reference, dict[str, np.ndarray], np.ndarray]:
+    from mhd_uad.data.demo.anatomy import split_grey_matter
     from mhd_uad.data.demo.bases import load_base_arrays
 
     loaded = load_base_arrays(name)
     arrays = {k: _ras(a, loaded.affine) for k, a in loaded.arrays.items()}
     pv = {"gm": arrays["gm"], "wm": arrays["wm"], "csf": arrays["csf"]}
     if "dgm" in arrays:  # cortical GM as the demo renders it: GM less its deep part
-        dgm = np.minimum(arrays["dgm"], arrays["gm"])
-        pv = {**pv, "gm": arrays["gm"] - dgm, "dgm": dgm}
+        cortical, deep = split_grey_matter(arrays["gm"], arrays["dgm"])
+        pv = {**pv, "gm": cortical, "dgm": deep}
     ref = Reference(label, "t1", arrays["t1"], pv, arrays["mask"] > 0.5, _voxel_mm(loaded.affine))
     return ref, loaded.arrays, loaded.affine
 
@@ -396,18 +397,6 @@ def write_figure(path: Path, shown: dict, references: list[Reference]) -> None:
         plt.close(fig)
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def build_report(seed: int, n: int, demo: dict, references: dict) -> dict:
     from mhd_uad.data.demo.datasets import TEST_SETS
 
@@ -441,7 +430,7 @@ def run(out_dir: Path, seed: int, n: int) -> str:
     markdown = render_markdown(report)
     write_figure(out_dir / "figures" / "demo_realism.png", shown, references)
     report["run_seconds"] = round(time.perf_counter() - started, 1)
-    atomic_write_text(out_dir / "demo_realism.json", json.dumps(_jsonable(report), indent=1) + "\n")
+    atomic_write_text(out_dir / "demo_realism.json", json.dumps(json_safe(report), indent=1) + "\n")
     atomic_write_text(out_dir / "demo_realism.md", markdown)
     return (
         markdown

@@ -181,30 +181,30 @@ def test_write_pair_writes_both_twins_on_one_grid(coarse_base, tmp_path):
         np.testing.assert_allclose(affine, pair.affine)
 
 
-def test_reconstruction_bias_reads_contrast_shrinkage_on_the_model_grid(coarse_base, tmp_path, monkeypatch):
-    """A stand-in model that halves contrast about 0.5: bright voxels (>= 0.9) come back darker by half their
-    distance from 0.5 (at least 0.2), dark ones (< 0.3) brighter by at least 0.1; two checkpoints averaged."""
-    import mhd_uad.models.checkpoint as checkpoint
-    import mhd_uad.models.inference as inference
+def test_reconstruction_bias_reads_contrast_shrinkage_on_the_model_grid(coarse_base, tmp_path):
+    """A stand-in mean reconstruction that halves contrast about 0.5, written in the scan's space as `score
+    --out-reconstruction` writes it: bright voxels (>= 0.9) come back darker by half their distance from 0.5 (at
+    least 0.2), dark ones (< 0.3) brighter by at least 0.1; read back on the model grid, the bias is the one
+    measured on the grid itself (the grid's voxel centres are voxel centres of the scan)."""
+    from mhd_uad.config import load_params
+    from mhd_uad.data.geometry import to_source_space
+    from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
+    from mhd_uad.io import save_nifti
 
     pair = bench.render_pair(coarse_base, "stroke", seed=0)
     files = bench.write_pair(pair, tmp_path)
-    calls = []
-
-    def shrink(model, image, settings, scan, device="cpu"):
-        calls.append((model, scan))
-        return np.stack([0.5 + 0.5 * (image - 0.5)] * 3).astype(np.float32)
-
-    class Model(str):
-        def to(self, device):
-            return self
-
-    monkeypatch.setattr(checkpoint, "load_cddpm", lambda params, ckpt, modality: (Model(f"{modality}:{ckpt}"), {}))
-    monkeypatch.setattr(inference, "reconstruct_volume", shrink)
-    out = bench.reconstruction_bias(files["healthy"]["t1"], files["healthy"]["mask"], "t1",
-                                    [Path("a.ckpt"), Path("b.ckpt")], None)
-    assert [m for m, _ in calls] == ["t1:a.ckpt", "t1:b.ckpt"] and calls[0][1] == "healthy_t1.nii.gz"
+    scan, mask = files["healthy"]["t1"], files["healthy"]["mask"]
+    prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(load_params([], REPO)))
+    shrunk = (0.5 + 0.5 * (prepared.image - 0.5)).astype(np.float32)
+    reco = save_nifti(bench.reconstruction_file(tmp_path, "t1"),
+                      to_source_space(shrunk, prepared.geometry, prepared.source_brain),
+                      prepared.geometry.source_affine, dtype=np.float32)
+    out = bench.reconstruction_bias(scan, mask, reco, None)
     assert -0.25 <= out["bias_bright"] <= -0.2 and 0.1 <= out["bias_dark"] <= 0.25
+    image, brain = prepared.image, prepared.mask > 0.5
+    diff = shrunk.astype(np.float64) - image
+    assert out["bias_bright"] == pytest.approx(diff[brain & (image >= 0.9)].mean(), abs=1e-5)
+    assert out["bias_dark"] == pytest.approx(diff[brain & (image < 0.3)].mean(), abs=1e-5)
 
 
 # --- the score command, the report, exit codes ----------------------------------------------------------------
@@ -233,8 +233,11 @@ def test_score_command_is_what_the_cli_parses(tmp_path):
     )
     assert args.checkpoint == [str(c) for c in ckpts]
     assert [*args.overrides, *extra] == ["mhd.num_reconstructions=3"]
+    assert args.out_reconstruction is None
     default = bench.score_command(Path("s"), Path("m"), "t1", Path("o"))
     assert "--checkpoint" not in default
+    healthy = bench.score_command(Path("s"), Path("m"), "t1", Path("o"), reconstruction=Path("r.nii.gz"))
+    assert build_parser().parse_known_args(healthy[3:])[0].out_reconstruction == "r.nii.gz"
 
 
 def _results(auroc=0.95, ratio=3.0):

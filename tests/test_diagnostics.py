@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mhd_uad.errors import MhdUadError
+from mhd_uad.models.inference import DeviceScan, MhdSettings, cpu_part
 from mhd_uad.scoring.diagnostics import map_correlation, residual_share_in_span
+from mhd_uad.scoring.mahalanobis import pixelwise_mahalanobis
 
 
 def _dense_share(x, r, mask):
@@ -40,6 +43,47 @@ def test_share_matches_a_dense_projector_and_its_limits():
     m2 = np.ones_like(x)
     m2[:, 0, :] = 0
     assert residual_share_in_span(x, r2, m2) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_mahalanobis_solve_reports_the_share_of_the_float64_reference():
+    """pixelwise_mahalanobis(..., diagnostics=) takes the share from the CCᵀ and Cd of its own solve (centred in
+    float32, so equal to the float64 reference to 1e-6, not to the bit) and returns the same map as without."""
+    rng = np.random.default_rng(3)
+    x = rng.random((4, 12, 10)).astype(np.float32)
+    cases = {"independent": rng.random((5, *x.shape)).astype(np.float32),
+             "close": (x + 0.05 * rng.standard_normal((6, *x.shape))).astype(np.float32)}
+    mask = (rng.random(x.shape) > 0.4).astype(np.float32)
+    mask[1] = 0  # a slice without brain
+    for name, r in cases.items():
+        for m in (None, mask):
+            diag = {}
+            got = pixelwise_mahalanobis(x, r, m, ridge=1e-2, diagnostics=diag)
+            np.testing.assert_array_equal(got, pixelwise_mahalanobis(x, r, m, ridge=1e-2))
+            expected = residual_share_in_span(x, r, m)
+            assert 0.01 < expected < 0.99, name
+            assert diag["residual_share_in_span"] == pytest.approx(expected, abs=1e-6), (name, m is None)
+    # a single slice [H,W], as torch tensors
+    diag = {}
+    pixelwise_mahalanobis(torch.from_numpy(x[0]), torch.from_numpy(r[:, 0]), torch.from_numpy(mask[0]),
+                          diagnostics=diag)
+    assert diag["residual_share_in_span"] == pytest.approx(residual_share_in_span(x[0], r[:, 0], mask[0]),
+                                                           abs=1e-6)
+
+
+def test_cpu_part_takes_the_share_from_the_mhd_solve_or_makes_its_own():
+    rng = np.random.default_rng(4)
+    image = rng.random((6, 12, 12)).astype(np.float32)
+    recos = (image + 0.05 * rng.standard_normal((4, *image.shape))).astype(np.float32)
+    mask = np.zeros(image.shape, dtype=np.float32)
+    mask[:, 2:10, 3:11] = 1.0
+    settings = MhdSettings(num_reconstructions=4, t_index=499, ridge=1e-2, seed=0, max_batch=4, precision="32",
+                           scorers=("mhd", "nocov"))
+    shares = []
+    for scorers in (("mhd", "nocov"), ("nocov",)):
+        diag = {}
+        cpu_part(image, mask, DeviceScan(recos=recos), settings, scorers, diagnostics=diag)
+        shares.append(diag["residual_share_in_span"])
+    assert shares[0] == shares[1] == pytest.approx(residual_share_in_span(image, recos, mask), abs=1e-6)
 
 
 def test_bad_shapes_and_correlation():

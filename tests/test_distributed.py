@@ -149,7 +149,8 @@ def test_scoring_in_two_processes_writes_what_one_process_writes(tiny_model, tmp
             assert (two / folder / name).read_bytes() == (one / folder / name).read_bytes(), name
     rows = _csv(two / "metrics" / "MSLUB_per_volume.csv")
     assert len(rows) == 2 and all(np.isfinite(float(r["mhd_auprc"])) for r in rows)
-    assert not any((two / "artifacts" / "eval" / "MSLUB").iterdir())  # every rank's scratch files removed
+    assert not (two / "artifacts" / "eval" / "MSLUB").exists()  # every rank's scratch files removed, then it
+    assert not (one / "artifacts" / "eval").exists()  # a single process shares no work folder
     assert not (two / "artifacts" / "eval" / "IXI_t2-fold0").exists()
     db = sqlite3.connect(two / "mlflow.db")  # rank 0 alone logged
     assert sorted(db.execute("select name from runs").fetchall()) == [("evaluate@MSLUB",), ("score-healthy@t2-0",)]

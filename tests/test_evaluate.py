@@ -3,8 +3,10 @@
 import csv
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -46,7 +48,7 @@ def _published_quirks(root, params) -> dict:
 @pytest.fixture(scope="module")
 def evaluated(tiny_model, tmp_path_factory):
     """evaluate@MSLUB run once on a copy of the tiny model's project (with two published-data quirks),
-    counting every scan scored."""
+    counting every scan scored (and noting when the first one began: quirks["first_scan_at"])."""
     root = copy_project(tiny_model.root, tmp_path_factory.mktemp("evaluate") / "work")
     params = shrunk_params("datasets.MSLUB.ignore_labels=[2]")
     mp = pytest.MonkeyPatch()
@@ -62,6 +64,7 @@ def evaluated(tiny_model, tmp_path_factory):
     original = evaluate.device_part
 
     def counting(model, image, mask, settings, scan, *args, **kwargs):
+        quirks.setdefault("first_scan_at", time.time())
         scored.append(scan)
         return original(model, image, mask, settings, scan, *args, **kwargs)
 
@@ -116,8 +119,8 @@ def test_win_counts_and_means_agree_with_the_per_volume_results(evaluated):
     assert metrics["single"]["auprc_std"] == pytest.approx(np.nanstd(single), abs=1e-6)
     assert {"scan", "fold", "lesion_voxels", "mhd_auroc", "l1_mean_postproc_dice", "cddpm_dice"} <= set(rows[0])
     assert metrics["mhd"]["auroc"] == pytest.approx(np.nanmean([float(r["mhd_auroc"]) for r in rows]), abs=1e-6)
-    # the stage's scratch volumes are gone
-    assert not any((root / "artifacts" / "eval" / "MSLUB").iterdir())
+    # the stage's scratch volumes are gone, and a single process made no shared work folder
+    assert not (root / "artifacts" / "eval").exists() and not list((root / "artifacts").glob(".eval-*"))
 
 
 def test_other_conventions_pooled_oracle_and_healthy_fpr_dice(evaluated, monkeypatch):
@@ -136,6 +139,38 @@ def test_other_conventions_pooled_oracle_and_healthy_fpr_dice(evaluated, monkeyp
     monkeypatch.chdir(root)
     with pytest.raises(InputFileError, match="score-healthy@t2-0"):
         evaluate.run_evaluate(shrunk_params("datasets.MSLUB.ignore_labels=[2]"), "MSLUB", root)
+
+
+def _evaluate_runs(root) -> list[tuple]:
+    with sqlite3.connect(root / "mlflow.db") as db:
+        return db.execute("select status, start_time, end_time from runs where name = 'evaluate@MSLUB'").fetchall()
+
+
+def test_the_mlflow_run_spans_the_evaluation(evaluated):
+    """The stage's run opens before the first scan is scored and ends FINISHED once the metrics are written."""
+    root, _, _, quirks = evaluated
+    finished = [run for run in _evaluate_runs(root) if run[0] == "FINISHED"]
+    assert len(finished) == 1
+    _, start, end = finished[0]
+    assert start <= 1000 * quirks["first_scan_at"]
+    assert end >= int(1000 * (root / "metrics" / "MSLUB.json").stat().st_mtime)
+
+
+def test_a_failed_evaluation_leaves_a_failed_mlflow_run_and_no_scratch(evaluated, tmp_path, monkeypatch):
+    root = copy_project(evaluated[0], tmp_path / "failing")
+    healthy.write_thresholds(healthy.thresholds_path(root, "t2", 0), evaluated[3]["thresholds"])
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(evaluate, "device_part", lost)
+    with pytest.raises(RuntimeError, match="device lost"):
+        evaluate.run_evaluate(shrunk_params("datasets.MSLUB.ignore_labels=[2]"), "MSLUB", root)
+    (status, start, end), = _evaluate_runs(root)
+    assert status == "FAILED" and start <= end
+    assert not (root / "artifacts" / "eval").exists() and not list((root / "artifacts").glob(".eval-*"))
 
 
 def test_each_scan_is_scored_once_per_fold_and_the_gallery_needs_no_second_pass(evaluated):

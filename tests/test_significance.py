@@ -6,12 +6,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mhd_uad.evaluation.evaluate import EvaluationSet, ScorerFold, _finite_or_null, summarise
+from mhd_uad.evaluation.evaluate import EvaluationSet, ScorerFold, summarise
 from mhd_uad.evaluation.significance import (
     paired_bootstrap_ci,
     paired_comparison,
     paired_permutation_test,
 )
+from mhd_uad.io import json_safe
 
 
 def _certain(n, seed=1):
@@ -120,7 +121,7 @@ def test_summarise_adds_versus_mhd_to_every_baseline():
     assert nocov["ci95"][0] < nocov["delta_auprc"] < nocov["ci95"][1] and 0 < nocov["p_value"] <= 1
     dmhd = metrics["dmhd"]["versus_mhd"]  # no AUPRC at all: undefined, written as null
     assert np.isnan(dmhd["delta_auprc"]) and np.isnan(dmhd["p_value"])
-    written = json.loads(json.dumps(_finite_or_null(metrics), allow_nan=False))
+    written = json.loads(json.dumps(json_safe(metrics), allow_nan=False))
     assert written["dmhd"]["versus_mhd"] == {"delta_auprc": None, "ci95": [None, None], "p_value": None,
                                              "n_scans": 0}
     assert written["volumes"]["n_without_lesion"] == 1
@@ -160,3 +161,9 @@ def test_other_conventions_sit_in_a_collapsed_section_after_the_paper_tables():
     assert "`auprc_pooled`" in collapsed and "| MHD (full covariance) | **25.0** | **–** |" in collapsed
     assert "`dice_fpr05`" in collapsed and "`dice_oracle`" not in collapsed  # only the keys present
     assert "<details>" not in summary_markdown({"A": {"mhd": {"auprc": 0.1}, "volumes": {}}}, "demo")
+
+
+def test_json_safe_gives_strict_json_of_non_finite_numbers_numpy_scalars_and_tuples():
+    tree = {"a": [1.0, float("nan"), (np.float32(0.5), np.int64(3))], "b": -np.inf, "c": "x", "d": True}
+    text = json.dumps(json_safe(tree), allow_nan=False)
+    assert json.loads(text) == {"a": [1.0, None, [0.5, 3]], "b": None, "c": "x", "d": True}

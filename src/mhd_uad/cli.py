@@ -165,11 +165,13 @@ def cmd_report(args) -> None:
     from mhd_uad.evaluation.report import update_readme, write_report
 
     params = _params(args)
-    out = write_report("metrics", list(params.datasets), str(params.profile_name), "reports")
+    out = write_report("metrics", list(params.datasets), str(params.profile_name), "reports",
+                       str(params.get("recipe", "base")))
     log.info("summary written to %s and metrics/summary.json", out)
     if args.readme:
-        changed = update_readme(args.readme, out)
-        log.info("%s results block %s", args.readme, "updated" if changed else "already current")
+        recipe = str(params.get("recipe", "base"))
+        changed = update_readme(args.readme, out, recipe)
+        log.info("%s results block (recipe %s) %s", args.readme, recipe, "updated" if changed else "already current")
 
 
 def cmd_score(args) -> None:
@@ -185,16 +187,19 @@ def cmd_score(args) -> None:
                          IngestSettings.from_params)
         result = score_raw_scan(params, args.scan, args.out, mask=args.mask, modality=args.modality,
                                 template=args.template, checkpoints=args.checkpoint, threshold=args.threshold,
-                                out_mask=args.out_mask)
+                                out_mask=args.out_mask, out_reconstruction=args.out_reconstruction,
+                                force=args.force)
     else:
         if args.mask is None or args.template is not None:
             raise MhdUadError("a scan already in atlas space needs --mask (and takes no --template); "
                               "for a raw scan pass --raw")
         params = _params(args, *_data_checks(), validate_model_params, MhdSettings.from_params)
         result = score_scan(params, args.scan, args.mask, args.out, modality=args.modality,
-                            checkpoints=args.checkpoint, threshold=args.threshold, out_mask=args.out_mask)
-    log.info("anomaly map written to %s (max %.3g)%s", result["map"], result["max_score"],
-             f"; lesion mask {result['out_mask']} with {result['lesion_voxels']} voxels" if args.out_mask else "")
+                            checkpoints=args.checkpoint, threshold=args.threshold, out_mask=args.out_mask,
+                            out_reconstruction=args.out_reconstruction, force=args.force)
+    log.info("anomaly map written to %s (max %.3g)%s%s", result["map"], result["max_score"],
+             f"; lesion mask {result['out_mask']} with {result['lesion_voxels']} voxels" if args.out_mask else "",
+             f"; mean reconstruction {result['reconstruction']}" if args.out_reconstruction else "")
 
 
 def cmd_ingest(args) -> None:
@@ -255,6 +260,38 @@ def cmd_params(args) -> None:
 
     atomic_write_text(PARAMS_FILE, composed_yaml(args.overrides))
     log.info("composed conf/ into %s", PARAMS_FILE)
+
+
+def cmd_demo_recipe(args) -> None:
+    from mhd_uad import recipe
+
+    chosen = recipe.choose(args.recipe)
+    in_force = recipe.switch(chosen) if args.apply else chosen
+    print(in_force)
+
+
+def _add_score_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scan", help="the scan (NIfTI)")
+    p.add_argument("--mask", default=None, help="its brain mask (NIfTI, same grid; optional with --raw: HD-BET)")
+    p.add_argument("--raw", action="store_true",
+                   help="SCAN is raw (any orientation and voxel size, with skull): ingest it like the training data "
+                        "first; the map is written in the raw scan's own grid and affine")
+    p.add_argument("--template", default=None, help="with --raw: register to this template (default ingest.template)")
+    p.add_argument("--out", required=True, help="output map (NIfTI, in the scan's grid and affine)")
+    p.add_argument("--modality", choices=["t1", "t2"], default=None)
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="cDDPM checkpoint(s) to use (default: the repository's folds for the modality)")
+    p.add_argument("--threshold", type=float, default=None, help="write voxels with map > T as a lesion mask")
+    p.add_argument("--out-mask", default=None, help="output lesion mask (NIfTI, uint8)")
+    p.add_argument("--out-reconstruction", default=None, metavar="FILE",
+                   help="also write the mean of the N reconstructions (NIfTI, float32) in the same grid and affine "
+                        "as --out (the raw scan's with --raw), 0 outside the brain mask and the field of view; "
+                        "intensities on the model's [0, 1] scale, not the scan's")
+    p.add_argument("--force", action="store_true",
+                   help="score even a scan that does not look like the training scans (voxel order and size, "
+                        "brain position and field of view on the model grid, skull, intensities inside the "
+                        "brain: checked against the prepared IXI set before scoring; refused otherwise)")
+    p.set_defaults(func=cmd_score)
 
 
 def _add_ingest_parser(p: argparse.ArgumentParser) -> None:
@@ -330,21 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit non-zero when an AUPRC drops by more than TOL")
     p.add_argument("--out", default=None, help="write the comparison here instead of stdout")
     p.set_defaults(func=cmd_report)
-    p = with_overrides(sub.add_parser("score", help="anomaly map of a new skull-stripped, atlas-space scan "
-                                                    "(or, with --raw, of a scan as the scanner wrote it)"))
-    p.add_argument("scan", help="the scan (NIfTI)")
-    p.add_argument("--mask", default=None, help="its brain mask (NIfTI, same grid; optional with --raw: HD-BET)")
-    p.add_argument("--raw", action="store_true",
-                   help="SCAN is raw (any orientation and voxel size, with skull): ingest it like the training data "
-                        "first; the map is written in the raw scan's own grid and affine")
-    p.add_argument("--template", default=None, help="with --raw: register to this template (default ingest.template)")
-    p.add_argument("--out", required=True, help="output map (NIfTI, in the scan's grid and affine)")
-    p.add_argument("--modality", choices=["t1", "t2"], default=None)
-    p.add_argument("--checkpoint", action="append", default=None,
-                   help="cDDPM checkpoint(s) to use (default: the repository's folds for the modality)")
-    p.add_argument("--threshold", type=float, default=None, help="write voxels with map > T as a lesion mask")
-    p.add_argument("--out-mask", default=None, help="output lesion mask (NIfTI, uint8)")
-    p.set_defaults(func=cmd_score)
+    _add_score_parser(with_overrides(sub.add_parser(
+        "score", help="anomaly map of a new skull-stripped, atlas-space scan (or, with --raw, of a scan as the "
+                      "scanner wrote it)")))
     _add_ingest_parser(with_overrides(sub.add_parser(
         "ingest", help="raw scans -> the data layout (reorient, resample, skull strip, register, crop, N4)")))
     with_overrides(sub.add_parser("summary", help="print each network of the profile with its parameter count")
@@ -357,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_check_lock)
     with_overrides(sub.add_parser("params", help="compose conf/ (with overrides) into params.yaml")
                    ).set_defaults(func=cmd_params)
+    p = sub.add_parser("demo-recipe", help="print the demo recipe for this machine (gpu beside a CUDA device, "
+                       "else base); with --apply, recompose an untouched demo params.yaml for it")
+    p.add_argument("--recipe", default="auto", help="auto (default), base or gpu (conf/recipe/)")
+    p.add_argument("--apply", action="store_true", help="recompose params.yaml for the recipe (what make demo does)")
+    p.set_defaults(func=cmd_demo_recipe)
     return parser
 
 

@@ -35,6 +35,9 @@ def compose(overrides: Sequence[str] = (), root: str | Path = ".") -> DictConfig
         with initialize_config_dir(str(conf_dir), version_base=None):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
         OmegaConf.resolve(cfg)
+        require(cfg.get("recipe") != "gpu" or cfg.get("profile_name") == "demo",
+                f"recipe=gpu is the demo profile's (conf/recipe/gpu.yaml), not {cfg.get('profile_name')!r}'s",
+                conf_dir)
     except (HydraException, OmegaConfBaseException) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"cannot compose params with overrides {list(overrides)}: {msg}", conf_dir) from None

@@ -1,4 +1,4 @@
-"""NIfTI and file I/O: validated reads, deterministic atomic writes.
+"""NIfTI and file I/O: validated reads, deterministic atomic writes, JSON-safe values.
 
 Every writer goes through `atomic_path`: the output appears under its final name only when complete, so an
 interrupted stage leaves nothing half-written. NIfTI files are gzipped with a zero timestamp and no file
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 import tempfile
 import zlib
@@ -49,6 +50,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(tree):
+    """A tree of dicts, lists and tuples as strict JSON takes it: NaN and ±inf (e.g. the Dice of a fold without a
+    single prediction) become None (null), numpy scalars Python numbers, tuples lists; the rest is left as is."""
+    if isinstance(tree, dict):
+        return {k: json_safe(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [json_safe(v) for v in tree]
+    if isinstance(tree, float | np.floating):
+        return float(tree) if math.isfinite(tree) else None
+    if isinstance(tree, np.integer):
+        return int(tree)
+    return tree
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, *, dtype=None, gz: bool = True) -> bytes:

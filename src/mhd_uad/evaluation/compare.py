@@ -25,6 +25,7 @@ from mhd_uad.config import flatten
 from mhd_uad.errors import MhdUadError
 from mhd_uad.evaluation.report import SCORER_LABELS, format_delta
 from mhd_uad.evaluation.significance import paired_comparison
+from mhd_uad.io import json_safe
 
 MARKER = "<!-- mhd-uad-metrics-report -->"
 NOT_DATASETS = {"summary.json"}
@@ -137,22 +138,13 @@ def compare(base: dict | None, new: dict | None, tolerance: float,
                 interval = change_interval(pv_base[dataset], pv_new[dataset], scorer)
                 if interval is None:
                     out["no_interval"].setdefault(dataset, f"no paired per-volume {scorer} AUPRC")
-            row["auprc"]["interval"] = _json_safe(interval)
+            row["auprc"]["interval"] = json_safe(interval)  # `--format json` stays strict JSON
             certain = interval is None or interval["excludes_zero"]
             row["change"] = "n/a" if d is None else "up" if d > tolerance and certain \
                 else "down" if d < -tolerance and certain else "same"
             rows[scorer] = row
         out["datasets"][dataset] = rows
     return out
-
-
-def _json_safe(tree):
-    """NaN -> None, so `--format json` stays strict JSON."""
-    if isinstance(tree, dict):
-        return {k: _json_safe(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_json_safe(v) for v in tree]
-    return None if isinstance(tree, float) and tree != tree else tree
 
 
 def _delta_cell(a: dict) -> str:

@@ -22,24 +22,32 @@ Named steps, in order:
 4. Outputs: metrics/<set>.json and metrics/<set>_per_volume.csv (every scan, fold and scorer), PR curves
    (plots/<set>/), the gallery PNG (best, median, worst scan by the first fold's mhd AUPRC, from the first
    fold's own reconstructions: no second scoring pass), each test scan's fold-mean mhd map as NIfTI in its
-   source scan's space, and the MLflow run.
+   source scan's space, and the MLflow run's metrics and files. The run spans the stage: opened before step 1,
+   ended FINISHED after the outputs, FAILED when the stage fails (tracking.stage_run).
+
+In a single process the stage's scratch volumes (`MapStore`) live in a private temporary folder in artifacts/,
+removed at the end (`work_folder`).
 
 Lesion = segmentation label > 0 (the original), except labels listed in `datasets.<set>.ignore_labels`,
 whose voxels count neither as lesion nor as background (as the WMH challenge evaluates label 2).
 
 Under `torchrun --nproc_per_node K` the scans are shared out (evaluation.sharding): rank r scores the val and
 test scans r, r + K, ... of each fold; rank 0 searches the thresholds on the pooled val voxels of all ranks
-(read back from the work folder) and sends them round, gathers the test results back into the list's order,
-and writes the outputs; each rank writes its own scans' NIfTI maps. The outputs equal a single process's.
+(read back from the work folder, artifacts/eval/<set>, shared by the ranks and removed at the end) and sends
+them round, gathers the test results back into the list's order, and writes the outputs; each rank writes its
+own scans' NIfTI maps. The outputs equal a single process's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +71,12 @@ from mhd_uad.evaluation.metrics import (
 from mhd_uad.evaluation.overlap import evaluation_workers, overlapped
 from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shared_folder, unstash
 from mhd_uad.evaluation.significance import paired_comparison
-from mhd_uad.io import atomic_path, atomic_write_text, save_nifti
+from mhd_uad.io import atomic_path, atomic_write_text, json_safe, save_nifti
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
 from mhd_uad.models.inference import MhdSettings, cpu_part, device_part, release_device_memory, select_device
 from mhd_uad.scoring.anomaly_maps import CONNECTED_COMPONENT_SCORERS, connected_component_filter
 from mhd_uad.scoring.diagnostics import map_correlation
-from mhd_uad.tracking import log_evaluation
+from mhd_uad.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +121,12 @@ class EvaluationSet:
 
     def lesion_voxels(self, pos: int) -> int:
         return int(self.truth(np.asarray(self.prepared.segs[pos]))[0].sum())
+
+    @cached_property
+    def without_lesion(self) -> list[str]:
+        """Test scans with no lesion voxel on the model grid (e.g. an infratentorial stroke below the crop),
+        read once per set."""
+        return [self.prepared.names[p] for p in self.test_pos if self.lesion_voxels(p) == 0]
 
 
 def _counted(volume: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
@@ -424,7 +438,7 @@ def summarise(per_fold: list[dict[str, ScorerFold]], ev: EvaluationSet, scorers:
             if s != "mhd":
                 metrics[s]["versus_mhd"] = versus_mhd(per_fold, s)
     metrics["volumes"] = {"n_test": len(ev.test_pos), "n_val": len(ev.val_pos), "n_folds": len(per_fold),
-                          "n_without_lesion": len(scans_without_lesion(ev)), **wins}
+                          "n_without_lesion": len(ev.without_lesion), **wins}
     return metrics
 
 
@@ -464,22 +478,6 @@ def mhd_diagnostics(per_volume: list[dict]) -> dict:
         values = [d[key] for d in per_volume if key in d and np.isfinite(d[key])]
         out[key] = float(np.mean(values)) if values else float("nan")
     return out
-
-
-def scans_without_lesion(ev: EvaluationSet) -> list[str]:
-    """Test scans with no lesion voxel on the model grid (e.g. an infratentorial stroke below the crop)."""
-    return [ev.prepared.names[p] for p in ev.test_pos if ev.lesion_voxels(p) == 0]
-
-
-def _finite_or_null(tree):
-    """NaN (e.g. Dice of a fold without a single prediction) becomes null: the file stays strict JSON."""
-    if isinstance(tree, dict):
-        return {k: _finite_or_null(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [_finite_or_null(v) for v in tree]
-    if isinstance(tree, float) and not np.isfinite(tree):
-        return None
-    return tree
 
 
 def write_per_volume_csv(path: Path, rows: list[dict]) -> None:
@@ -537,21 +535,39 @@ def score_folds(params, ev: EvaluationSet, settings: MhdSettings, store: MapStor
     return per_fold, per_volume, diagnostics
 
 
+@contextlib.contextmanager
+def work_folder(shard: Shard, root: Path, dataset: str) -> Iterator[Path]:
+    """The stage's scratch folder (the MapStore's volumes; under torchrun also what the ranks hand rank 0):
+    artifacts/eval/<set>, shared by every rank, under torchrun, a private temporary folder in artifacts/
+    otherwise; gone when the stage ends."""
+    if shard.world == 1:
+        (root / "artifacts").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".eval-{dataset}.", dir=root / "artifacts") as tmp:
+            yield Path(tmp)
+        return
+    path = root / "artifacts" / "eval" / dataset
+    with shared_folder(shard, path) as work:
+        yield work
+    if shard.main:
+        path.rmdir()  # emptied by MapStore.close and the merges
+
+
 def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
     """Evaluate every fold on `dataset`; returns the metrics file (written by rank 0 under torchrun)."""
     root = Path(root)
-    settings = MhdSettings.from_params(params)
-    ev = EvaluationSet.open(params, dataset)
-    healthy = {fold: read_thresholds(thresholds_path(root, ev.modality, fold), settings.scorers, ev.modality, fold)
-               for fold in (int(f) for f in params.train.folds)}  # checked before any scoring
     e = params.evaluate
     out, gallery = root / "metrics" / f"{dataset}.json", root / "reports" / "gallery" / f"{dataset}.png"
-    with process_shard() as shard:
-        if shard.main and (missing := scans_without_lesion(ev)):
+    with process_shard() as shard, stage_run(f"evaluate@{dataset}", to_plain(params), shard.main) as run:
+        settings = MhdSettings.from_params(params)
+        ev = EvaluationSet.open(params, dataset)
+        healthy = {fold: read_thresholds(thresholds_path(root, ev.modality, fold), settings.scorers,
+                                         ev.modality, fold)
+                   for fold in (int(f) for f in params.train.folds)}  # checked before any scoring
+        if shard.main and (missing := ev.without_lesion):
             log.warning("%s: %d test scans have no lesion voxel on the model grid (AP/AUROC left out, Dice "
                         "counted): %s", dataset, len(missing), ", ".join(missing))
         histograms = {s: ScoreHistogram() for s in settings.scorers}
-        with shared_folder(shard, root / "artifacts" / "eval" / dataset) as work:
+        with work_folder(shard, root, dataset) as work:
             store = MapStore(work, shard, len(ev.test_pos), ev.prepared.images.shape[1:])
             per_fold, per_volume, diagnostics = score_folds(params, ev, settings, store, root, work, healthy,
                                                             histograms)
@@ -568,7 +584,7 @@ def run_evaluate(params, dataset: str, root: str | Path = ".") -> Path:
                 if e.gallery and (rows := gallery_rows(ev, per_fold[0], store)):
                     write_gallery(gallery, dataset, rows)
             store.close()
-    if shard.main:
-        atomic_write_text(out, json.dumps(_finite_or_null(metrics), indent=2) + "\n")
-        log_evaluation(f"evaluate@{dataset}", to_plain(params), metrics, [out, gallery])
+        if shard.main:
+            atomic_write_text(out, json.dumps(json_safe(metrics), indent=2) + "\n")
+            run.record(metrics, [out, gallery])
     return out

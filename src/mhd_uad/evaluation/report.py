@@ -14,6 +14,9 @@ from mhd_uad.io import atomic_write_text
 
 README_START = "<!-- results:start (written by `mhd-uad report --readme`; do not edit) -->"
 README_END = "<!-- results:end -->"
+# The demo's GPU recipe (conf/recipe/gpu.yaml) reports apart from the CPU demo's results.
+README_GPU_START = "<!-- results-gpu:start (written by `mhd-uad report --readme` after the gpu recipe; do not edit) -->"
+README_GPU_END = "<!-- results-gpu:end -->"
 SCORER_LABELS = {
     "mhd": "MHD (full covariance)", "dmhd": "dMHD (diagonal)", "nocov": "\\|x − μ\\| in place of MHD",
     "mean": "mean reconstruction", "single": "single reconstruction",
@@ -163,7 +166,7 @@ def other_conventions_markdown(metrics: dict[str, dict]) -> list[str]:
     return [*lines, "</details>"]
 
 
-def summary_markdown(metrics: dict[str, dict], profile: str) -> str:
+def summary_markdown(metrics: dict[str, dict], profile: str, recipe: str = "base") -> str:
     n_folds = {b.get("volumes", {}).get("n_folds") for b in metrics.values()}
     versus = versus_mhd_table(metrics)
     significance = [
@@ -175,7 +178,7 @@ def summary_markdown(metrics: dict[str, dict], profile: str) -> str:
     ] if versus else []
     return "\n".join([
         f"Per-volume AUPRC in % (mean ± std over test volumes; {'/'.join(str(n) for n in sorted(n_folds))} "
-        f"fold(s); profile `{profile}`):",
+        f"fold(s); profile `{profile}`" + (f", recipe `{recipe}`" if recipe != "base" else "") + "):",
         "",
         markdown_table(metrics, "auprc"),
         "",
@@ -190,20 +193,23 @@ def summary_markdown(metrics: dict[str, dict], profile: str) -> str:
     ])
 
 
-def write_report(metrics_dir: str | Path, datasets: list[str], profile: str, reports_dir: str | Path) -> Path:
+def write_report(metrics_dir: str | Path, datasets: list[str], profile: str, reports_dir: str | Path,
+                 recipe: str = "base") -> Path:
     metrics = load_metrics(metrics_dir, datasets)
     atomic_write_text(Path(metrics_dir) / "summary.json", json.dumps(summary(metrics), indent=2) + "\n")
     out = Path(reports_dir) / "summary.md"
-    atomic_write_text(out, "# Results\n\n" + summary_markdown(metrics, profile) + "\n")
+    atomic_write_text(out, "# Results\n\n" + summary_markdown(metrics, profile, recipe) + "\n")
     return out
 
 
-def update_readme(readme: str | Path, summary_md: str | Path) -> bool:
-    """Replace the README's results block with reports/summary.md (without its title); True if changed."""
+def update_readme(readme: str | Path, summary_md: str | Path, recipe: str = "base") -> bool:
+    """Replace the README's results block of the recipe with reports/summary.md (without its title); True if
+    changed. The gpu recipe's results go to their own block, so the CPU demo's figures stay as they were."""
     summary_md = Path(summary_md)
     if not summary_md.is_file():
         raise InputFileError("summary not found (run the report stage)", summary_md)
-    return readme_block_from(readme, summary_md, README_START, README_END)
+    start, end = (README_GPU_START, README_GPU_END) if recipe == "gpu" else (README_START, README_END)
+    return readme_block_from(readme, summary_md, start, end)
 
 
 def markdown_body(path: str | Path) -> str:

@@ -21,7 +21,7 @@ import torch
 from mhd_uad.config import as_int_list, auto_switch, require
 from mhd_uad.errors import MhdUadError
 from mhd_uad.scoring.anomaly_maps import SCORERS, anomaly_maps
-from mhd_uad.scoring.diagnostics import residual_share_in_span
+from mhd_uad.scoring.mahalanobis import pixelwise_mahalanobis
 
 MAPS_ON = ("auto", "cpu", "device")
 PRECISIONS = {"32": None, "32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
@@ -207,17 +207,19 @@ def cpu_part(image: np.ndarray, mask: np.ndarray, made: DeviceScan, settings: Mh
              scorers: tuple[str, ...] | None = None, diagnostics: dict | None = None):
     """The CPU's part of scoring a scan: its anomaly maps ({scorer: [S, H, W]}, made here unless the device
     made them) and its mean reconstruction. With a `diagnostics` dict, its "residual_share_in_span" is set
-    (scoring.diagnostics; needs the reconstructions on the CPU)."""
+    (scoring.diagnostics): by the Mahalanobis solve of the mhd map made here, else by a solve of its own (needs
+    the reconstructions on the CPU)."""
     scorers = scorers or settings.scorers
     if made.maps is not None:
         maps, reco_mean = made.maps, made.reco_mean
     else:
-        maps = anomaly_maps(image, made.recos, mask, ridge=settings.ridge, scorers=scorers, ensemble=made.ens)
+        maps = anomaly_maps(image, made.recos, mask, ridge=settings.ridge, scorers=scorers, ensemble=made.ens,
+                            diagnostics=diagnostics)
         reco_mean = made.recos.mean(axis=0)
-    if diagnostics is not None:
+    if diagnostics is not None and (made.maps is not None or "mhd" not in scorers):
         if made.recos is None:
             raise MhdUadError("diagnostics need the reconstructions: device_part(..., keep_reconstructions=True)")
-        diagnostics["residual_share_in_span"] = residual_share_in_span(image, made.recos, mask)
+        pixelwise_mahalanobis(image, made.recos, mask, ridge=settings.ridge, diagnostics=diagnostics)
     return maps, reco_mean
 
 

@@ -163,6 +163,7 @@ def anomaly_maps(
     ridge: float = 1e-2,
     scorers: Iterable[str] = SCORERS,
     ensemble: Any = None,
+    diagnostics: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """All requested anomaly maps of one volume, sharing μ, SSIM(μ, x) and |x − μ| between scorers.
 
@@ -175,6 +176,8 @@ def anomaly_maps(
         scorers: any of SCORERS.
         ensemble: the cddpm scorer's reconstructions, [L,S,H,W], one per noise level (§4.6 ENS: t = 250,
             500, 750); needed only, and only read, when cddpm is requested.
+        diagnostics: a dict that the mhd map's Mahalanobis solve puts "residual_share_in_span" into
+            (`pixelwise_mahalanobis`), or None; untouched without mhd among the scorers.
 
     Returns:
         {scorer: float32 [S,H,W] map} in the order requested.
@@ -192,7 +195,8 @@ def anomaly_maps(
         ssim=ssim_map_3d,
         to_map=distance_to_anomaly_map,
         l1=l1_anomaly_map,
-        mahalanobis=lambda x, r, brain: _to_numpy(pixelwise_mahalanobis(x, r, brain, ridge=ridge)),
+        mahalanobis=lambda x, r, brain: _to_numpy(pixelwise_mahalanobis(x, r, brain, ridge=ridge,
+                                                                         diagnostics=diagnostics)),
         diagonal=lambda x, r, brain: diagonal_mahalanobis(x, r, brain, ridge=ridge),
         absolute=np.abs,
         float32=lambda v: v.astype(np.float32),

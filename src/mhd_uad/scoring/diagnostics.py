@@ -2,10 +2,12 @@
 
 Per axial slice, with Ω = {mask > 0}, d = x[Ω] − μ[Ω] and C the N×P centred reconstructions (as in
 scoring.mahalanobis): the Mahalanobis map differs from |x − μ|/√λ only through the part of d inside the row
-span of C (Woodbury: Σ⁻¹d = (d − Cᵀ(λ(N−1)I + CCᵀ)⁻¹Cd)/λ). `residual_share_in_span` is that part's share
-of the volume's residual energy, Σ_s ‖P_s d_s‖² / Σ_s ‖d_s‖² (P_s the projector onto the span of slice s):
-near 0, Σ⁻¹ can hardly change the map; `map_correlation` is the Pearson correlation of two maps over the
-brain (the mhd and nocov maps on the demo correlate about 0.98).
+span of C (Woodbury: Σ⁻¹d = (d − Cᵀ(λ(N−1)I + CCᵀ)⁻¹Cd)/λ). The residual's share in the span is that part's
+share of the volume's residual energy, Σ_s ‖P_s d_s‖² / Σ_s ‖d_s‖² (P_s the projector onto the span of slice
+s): near 0, Σ⁻¹ can hardly change the map. `share_in_span` computes it from the CCᵀ and Cd that the
+Mahalanobis solve forms anyway (`pixelwise_mahalanobis(..., diagnostics=...)` reports it so);
+`residual_share_in_span` is the same in float64 from the arrays, the reference for tests. `map_correlation` is
+the Pearson correlation of two maps over the brain (the mhd and nocov maps on the demo correlate about 0.98).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from mhd_uad.errors import MhdUadError
 
 
 def residual_share_in_span(image: np.ndarray, reconstructions: np.ndarray, mask: np.ndarray | None) -> float:
-    """Share of ‖x − μ‖² (over the brain, all slices) inside the span of the centred reconstructions."""
+    """Share of ‖x − μ‖² (over the brain, all slices) inside the span of the centred reconstructions, in float64
+    from the arrays (`pixelwise_mahalanobis` reports it from its own solve, to about 1e-8)."""
     x = np.asarray(image, dtype=np.float64)
     r = np.asarray(reconstructions, dtype=np.float64)
     if r.ndim != x.ndim + 1 or r.shape[1:] != x.shape or r.shape[0] < 2:
@@ -29,9 +32,20 @@ def residual_share_in_span(image: np.ndarray, reconstructions: np.ndarray, mask:
     c = np.where(omega, r - mu, 0.0).reshape(r.shape[0], x.shape[0], -1).transpose(1, 0, 2)  # [S, N, P]
     gram = c @ c.transpose(0, 2, 1)  # [S, N, N]
     cd = (c @ d[..., None])[..., 0]  # [S, N]
-    total = float(np.sum(d * d))
+    return share_in_span(gram, cd, float(np.sum(d * d)))
+
+
+def share_in_span(gram: np.ndarray, cd: np.ndarray, total: float) -> float:
+    """Σ_s ‖P_s d_s‖² / total from each slice's CCᵀ [S, N, N] and Cd [S, N] (float64), total = Σ_s ‖d_s‖²;
+    nan for a zero residual.
+
+    Centred reconstructions sum to zero, so C and Cd have nothing along the all-ones direction of the N
+    reconstructions; both are projected off it (J = I − 11ᵀ/N): C centred in float32, as the Mahalanobis solve
+    centres it, sums to rounding noise whose spread can pass the cutoff below and add a spurious direction."""
     if total == 0:
         return float("nan")
+    centring = np.eye(gram.shape[-1]) - 1.0 / gram.shape[-1]
+    gram, cd = centring @ gram @ centring, cd @ centring
     inside = 0.0
     for g, v in zip(gram, cd, strict=True):
         # ‖P d‖² = (Cd)ᵀ (CCᵀ)⁺ (Cd); directions whose spread is rounding noise (relative to the residual's own

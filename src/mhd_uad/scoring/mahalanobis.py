@@ -17,6 +17,9 @@ products. All slices are solved in one batch. Pixels outside Ω are handled by z
 columns the full-grid Σ is block-diagonal (the Ω block is the Ω covariance, the rest is λ·I), so the Ω part
 of Σ⁻¹d is exactly the Ω-only result and the rest is 0.
 
+With a `diagnostics` dict, `pixelwise_mahalanobis` also puts the residual's share in the span of C into it,
+from the CCᵀ and Cd of its solve (scoring.diagnostics; only then is it computed).
+
 `dense_pixelwise_mahalanobis` is the literal reference (forms and inverts Σ per slice, as the original code
 does); it is O(P³) per slice and exists only for tests and the benchmark. `diagonal_mahalanobis` is the
 dMHD ablation (§4.3): |d_i| / sqrt(var_i + λ), var over the N reconstructions with N−1.
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from mhd_uad.errors import MhdUadError
+from mhd_uad.scoring.diagnostics import share_in_span
 
 __all__ = [
     "pixelwise_mahalanobis",
@@ -133,7 +137,8 @@ def _sqrt_contribution(q: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(q) * omega
 
 
-def pixelwise_mahalanobis(image: Any, reconstructions: Any, mask: Any = None, ridge: float = 1e-2) -> Any:
+def pixelwise_mahalanobis(image: Any, reconstructions: Any, mask: Any = None, ridge: float = 1e-2,
+                          diagnostics: dict | None = None) -> Any:
     """Per-pixel Mahalanobis contribution m_i = sqrt(d_i (Σ⁻¹d)_i) per slice, exact via Woodbury (§4.3).
 
     Args:
@@ -141,6 +146,7 @@ def pixelwise_mahalanobis(image: Any, reconstructions: Any, mask: Any = None, ri
         reconstructions: the N ≥ 2 reconstructions, [N,H,W] or [N,S,H,W].
         mask: brain mask like image (Ω = mask > 0), or None for every pixel.
         ridge: λ > 0 added to the covariance diagonal (method.md: 1e-2).
+        diagnostics: a dict to put "residual_share_in_span" into (scoring.diagnostics), or None.
 
     Returns:
         float32 map with image's shape, zero outside the mask; numpy or torch like ``image``.
@@ -157,10 +163,13 @@ def pixelwise_mahalanobis(image: Any, reconstructions: Any, mask: Any = None, ri
     # The N×N system is formed and solved in float64: CCᵀ and Cd sum P products, and accumulating them in
     # float32 costs up to ~5e-4 relative error on small m_i when Σ is ill-conditioned (tests); the
     # P-sized products around it stay float32.
-    c64 = c.to(torch.float64)
+    c64, d64 = c.to(torch.float64), d.to(torch.float64)
     gram = torch.bmm(c64, c64.transpose(1, 2))  # [S,N,N] = CCᵀ
-    cd = torch.bmm(c64, d.to(torch.float64).unsqueeze(-1))  # [S,N,1] = Cd
-    del c64
+    cd = torch.bmm(c64, d64.unsqueeze(-1))  # [S,N,1] = Cd
+    if diagnostics is not None:
+        diagnostics["residual_share_in_span"] = share_in_span(gram.cpu().numpy(), cd[..., 0].cpu().numpy(),
+                                                              float(torch.sum(d64 * d64)))
+    del c64, d64
     eye = torch.eye(n, dtype=torch.float64, device=x.device)
     y = torch.linalg.solve(gram + (ridge * (n - 1)) * eye, cd).to(torch.float32)  # [S,N,1]
     sigma_inv_d = (d - torch.bmm(c.transpose(1, 2), y).squeeze(-1)) / ridge  # [S,P]

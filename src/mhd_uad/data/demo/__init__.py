@@ -17,7 +17,8 @@ Modules:
 - `datasets`: the five demo sets (spawn-key id, directory, name prefix, contrasts, lesion type).
 - `bases`: the real base anatomies (MNI152, SRI24, OASIS-30), their sources and licence notices.
 - `tissue`: 1.5 T tissue relaxation properties, lesion-size anchors, and IXI's T1w/T2w signal equations.
-- `anatomy`: a base loaded onto the working grid (`BaseAnatomy`, its channels) and `SubjectAnatomy`.
+- `base_anatomy`: `BaseAnatomy`, a base on the working grid (its channels and landmarks).
+- `anatomy`: a base loaded onto the working grid (`load_base_anatomy`, the channels) and `SubjectAnatomy`.
 - `warps`: smooth noise fields, the healthy backward map, trilinear warping and map composition.
 - `lesions`: soft painting helpers, healthy distractors, and the per-type lesion planners (`plan_*`).
 - `acquisition`: signal mixing, bias/Rician acquisition, and `simulate_subject` (one subject, no I/O).
@@ -36,11 +37,11 @@ from mhd_uad.data.demo.anatomy import (
     TEXTURE,
     VENT,
     WM,
-    BaseAnatomy,
     SubjectAnatomy,
     load_base_anatomy,
     tissue_pv,
 )
+from mhd_uad.data.demo.base_anatomy import BaseAnatomy
 from mhd_uad.data.demo.bases import BASE_NAMES, HELD_OUT_BASE, TRAINING_BASES
 from mhd_uad.data.demo.datasets import DATASETS, TEST_SETS
 from mhd_uad.data.demo.writer import MANIFEST_NAME, NOTICE_NAME, generate_demo_dataset

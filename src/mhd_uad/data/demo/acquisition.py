@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mhd_uad.data.demo.anatomy import RENDERED_TISSUES, T1, TEXTURE, BaseAnatomy, _warp_subject, tissue_pv
+from mhd_uad.data.demo.anatomy import RENDERED_TISSUES, T1, TEXTURE, _warp_subject, tissue_pv
+from mhd_uad.data.demo.base_anatomy import BaseAnatomy
 from mhd_uad.data.demo.datasets import DATASETS, sample_age
 from mhd_uad.data.demo.lesions import (
     LESION_PLANNERS,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from mhd_uad.data.demo.base_anatomy import BaseAnatomy
 from mhd_uad.data.demo.warps import warp_volumes
 from mhd_uad.data.geometry import voxel_spacing
 from mhd_uad.data.preprocess import to_canonical
@@ -29,37 +30,16 @@ _N_CHANNELS = 10
 RENDERED_TISSUES = ("gm", "wm", "csf", "dgm")
 
 
+def split_grey_matter(gm: np.ndarray, dgm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cortical GM, deep GM) as the demo renders them: the deep part at most GM, the cortical GM the rest."""
+    deep = np.minimum(dgm, gm)
+    return gm - deep, deep
+
+
 def tissue_pv(channels: np.ndarray) -> np.ndarray:
     """(4, X, Y, Z) partial volumes of the rendered classes: cortical GM, WM, CSF, deep GM."""
-    dgm = np.minimum(channels[DGM], channels[GM])
-    return np.stack([channels[GM] - dgm, channels[WM], channels[CSF], dgm])
-
-
-@dataclass
-class BaseAnatomy:
-    """A template resampled to the working grid, with the derived maps the lesion recipes need.
-
-    `channels` is (10, X, Y, Z) float64 in RAS order: T1, GM, WM, CSF, brain mask (soft), T1 texture
-    (relative deviation from the PV model), depth below the brain surface (mm), distance to the
-    ventricles (mm), ventricle map, deep GM. Coordinates in "grid mm" are index * voxel_size; world =
-    origin + that.
-    """
-
-    channels: np.ndarray
-    voxel_size: float
-    origin_mm: np.ndarray
-    centre_mm: np.ndarray  # brain-mask centroid, grid mm
-    vent_centre_mm: np.ndarray  # ventricle-system centroid, grid mm
-    lateral_vent_mm: tuple[np.ndarray, np.ndarray]  # left (x < midline) and right lateral ventricle centroids
-    midline_mm: float  # x of the mid-sagittal plane, grid mm
-    description: str
-    files: tuple[str, ...]
-    name: str = "custom"
-    notice: str = ""
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.channels.shape[1:])  # type: ignore[return-value]
+    cortical, deep = split_grey_matter(channels[GM], channels[DGM])
+    return np.stack([cortical, channels[WM], channels[CSF], deep])
 
 
 def _tissue_paths(base_tissues) -> dict[str, Path]:

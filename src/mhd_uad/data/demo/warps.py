@@ -6,15 +6,12 @@ grid mm to template grid mm), trilinear warping with `grid_sample`, and composit
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-if TYPE_CHECKING:
-    from mhd_uad.data.demo.anatomy import BaseAnatomy
+from mhd_uad.data.demo.base_anatomy import BaseAnatomy
 
 
 def smooth_noise(rng: np.random.Generator, shape, corr_mm: float, voxel_size: float) -> np.ndarray:

@@ -19,7 +19,8 @@ import torch
 from scipy import ndimage as ndi
 
 from mhd_uad.data.demo.acquisition import SyntheticScan, simulate_subject
-from mhd_uad.data.demo.anatomy import BaseAnatomy, load_base_anatomy
+from mhd_uad.data.demo.anatomy import load_base_anatomy
+from mhd_uad.data.demo.base_anatomy import BaseAnatomy
 from mhd_uad.data.demo.bases import TRAINING_BASES
 from mhd_uad.data.demo.datasets import DATASETS, TEST_SETS
 from mhd_uad.errors import MhdUadError
