@@ -98,11 +98,15 @@ def fit_all(repo: Path, modalities: list[str], parallel: bool) -> dict[str, floa
         if not threads:
             running[modality].wait()
     seconds = {}
-    for modality, proc in running.items():
-        if proc.wait() != 0:
-            tail = (repo / f"train-{modality}.log").read_text()[-3000:]
-            raise SystemExit(f"{tail}\ndemo_long_fit: the {modality.upper()} fit failed (exit {proc.returncode})")
-        seconds[modality] = round(time.perf_counter() - started[modality], 1)
+    while len(seconds) < len(running):  # each fit's own end, whichever finishes first
+        for modality, proc in running.items():
+            if modality in seconds or proc.poll() is None:
+                continue
+            if proc.returncode != 0:
+                tail = (repo / f"train-{modality}.log").read_text()[-3000:]
+                raise SystemExit(f"{tail}\ndemo_long_fit: the {modality.upper()} fit failed (exit {proc.returncode})")
+            seconds[modality] = round(time.perf_counter() - started[modality], 1)
+        time.sleep(1.0)
     return seconds
 
 
@@ -161,7 +165,7 @@ def markdown(report: dict, committed_held_out: dict | None) -> str:
             lines.append(f"| {case} | {c.upper()} | {before[0]} | {row['auroc']:.3f} | {before[1]} | "
                          f"{row['ratio']:.2f} | {before[2]} | {row['bias_bright']:+.3f} / {row['bias_dark']:+.3f} | "
                          f"{'pass' if row['pass'] else 'FAIL'} |")
-    lines += ["", "Fits (best val loss at step): " + ", ".join(
+    lines += ["", "Fits (lowest val loss; steps run): " + ", ".join(
         f"{m.upper()} {f.get('best_val_loss', float('nan')):.4f} ({f.get('global_step', '?')} steps)"
         for m, f in r["fits"].items()) + ". Galleries of the long fits: `reports/demo_long_fit/gallery/`."]
     return "\n".join(lines) + "\n"
