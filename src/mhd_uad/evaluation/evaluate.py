@@ -191,7 +191,7 @@ class MapStore:
 
 
 def scored_scans(model, ev: EvaluationSet, items: list[tuple[int, int]], settings: MhdSettings, device,
-                 cpu_step, workers: int = 0, desc: str = "", keep_reconstructions: bool = False) -> Iterator:
+                 cpu_step, workers: int = 0, desc: str = "", diagnostics: bool = False) -> Iterator:
     """cpu_step(i, pos, image, mask, seg, made) for each (i, pos) of `items`, in their order: the device
     makes each scan in turn (`device_part`: the reconstructions, and the maps when evaluate.maps_on puts them
     there) while `workers` CPU threads run the CPU steps of the scans before it (evaluation.overlap; inline
@@ -201,7 +201,7 @@ def scored_scans(model, ev: EvaluationSet, items: list[tuple[int, int]], setting
         i, pos = item
         image, mask, seg = ev.volume(pos)
         return image, mask, seg, device_part(model, image, mask, settings, ev.prepared.names[pos], device,
-                                             keep_reconstructions=keep_reconstructions)
+                                             diagnostics=diagnostics)
 
     def finish(item, made):
         return cpu_step(*item, *made)
@@ -341,7 +341,7 @@ def test_metrics(model, ev: EvaluationSet, settings: MhdSettings, device, fold: 
         return ScannedVolume(i, row, scores, maps["mhd"], reco_mean, diag)
 
     for done in scored_scans(model, ev, shard.mine(ev.test_pos), settings, device, scan, workers,
-                             f"{ev.dataset} fold {fold} test", keep_reconstructions=diags is not None):
+                             f"{ev.dataset} fold {fold} test", diagnostics=diags is not None):
         if diags is not None:
             diags.append(done.diagnostics)
         slot = shard.slot(done.index)

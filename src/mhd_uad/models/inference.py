@@ -169,21 +169,24 @@ def maps_on_device(settings: MhdSettings, device: torch.device) -> bool:
 
 @dataclass
 class DeviceScan:
-    """What the device made of one scan: its reconstructions (on the CPU, when the maps are made there or
-    diagnostics need them), or its maps and mean reconstruction made on the device (`maps_on_device`)."""
+    """What the device made of one scan: its reconstructions (on the CPU, when the maps are made there), or its
+    maps and mean reconstruction made on the device (`maps_on_device`), with what its Mahalanobis solve
+    reported when asked (`diagnostics`)."""
 
     recos: np.ndarray | None = None
     ens: np.ndarray | None = None
     maps: dict[str, np.ndarray] | None = None
     reco_mean: np.ndarray | None = None
+    diagnostics: dict | None = None
 
 
 def device_part(model, image: np.ndarray, mask: np.ndarray, settings: MhdSettings, scan: str,
                 device: torch.device | str = "cpu", scorers: tuple[str, ...] | None = None,
-                keep_reconstructions: bool = False) -> DeviceScan:
+                diagnostics: bool = False) -> DeviceScan:
     """The device's part of scoring a scan: the reconstructions, and the maps too when they are made on the
-    device (scoring.device_maps, equal to scoring.anomaly_maps to 1e-5). `keep_reconstructions` brings the
-    reconstructions back to the CPU in any case (for diagnostics)."""
+    device (scoring.device_maps, equal to scoring.anomaly_maps to 1e-5). With `diagnostics` and the maps on the
+    device, the residual's share in the span comes from the device's Mahalanobis solve, so the reconstructions
+    stay there."""
     scorers = scorers or settings.scorers
     device = torch.device(device)
     ensemble = "cddpm" in scorers
@@ -196,31 +199,33 @@ def device_part(model, image: np.ndarray, mask: np.ndarray, settings: MhdSetting
     with torch.inference_mode():
         x = torch.from_numpy(np.array(image, dtype=np.float32)).to(device)
         m = torch.from_numpy(np.array(mask, dtype=np.float32)).to(device)
-        maps = anomaly_maps_torch(x, recos, m, ridge=settings.ridge, scorers=scorers, ensemble=ens)
-        out = DeviceScan(maps={k: v.cpu().numpy() for k, v in maps.items()}, reco_mean=recos.mean(0).cpu().numpy())
-    if keep_reconstructions:
-        out.recos = recos.cpu().numpy()
-    return out
+        diag = {} if diagnostics else None
+        maps = anomaly_maps_torch(x, recos, m, ridge=settings.ridge, scorers=scorers, ensemble=ens, diagnostics=diag)
+        if diag is not None and "mhd" not in scorers:  # no mhd map: a solve for the share alone
+            pixelwise_mahalanobis(x, recos, m, ridge=settings.ridge, diagnostics=diag)
+        return DeviceScan(maps={k: v.cpu().numpy() for k, v in maps.items()}, reco_mean=recos.mean(0).cpu().numpy(),
+                          diagnostics=diag)
 
 
 def cpu_part(image: np.ndarray, mask: np.ndarray, made: DeviceScan, settings: MhdSettings,
              scorers: tuple[str, ...] | None = None, diagnostics: dict | None = None):
     """The CPU's part of scoring a scan: its anomaly maps ({scorer: [S, H, W]}, made here unless the device
     made them) and its mean reconstruction. With a `diagnostics` dict, its "residual_share_in_span" is set
-    (scoring.diagnostics): by the Mahalanobis solve of the mhd map made here, else by a solve of its own (needs
-    the reconstructions on the CPU)."""
+    (scoring.diagnostics) from the Mahalanobis solve that made the mhd map, here or on the device (a solve of
+    its own without mhd among the scorers)."""
     scorers = scorers or settings.scorers
     if made.maps is not None:
         maps, reco_mean = made.maps, made.reco_mean
-    else:
-        maps = anomaly_maps(image, made.recos, mask, ridge=settings.ridge, scorers=scorers, ensemble=made.ens,
-                            diagnostics=diagnostics)
-        reco_mean = made.recos.mean(axis=0)
-    if diagnostics is not None and (made.maps is not None or "mhd" not in scorers):
-        if made.recos is None:
-            raise MhdUadError("diagnostics need the reconstructions: device_part(..., keep_reconstructions=True)")
+        if diagnostics is not None:
+            if made.diagnostics is None:
+                raise MhdUadError("diagnostics of maps made on the device: device_part(..., diagnostics=True)")
+            diagnostics.update(made.diagnostics)
+        return maps, reco_mean
+    maps = anomaly_maps(image, made.recos, mask, ridge=settings.ridge, scorers=scorers, ensemble=made.ens,
+                        diagnostics=diagnostics)
+    if diagnostics is not None and "mhd" not in scorers:
         pixelwise_mahalanobis(image, made.recos, mask, ridge=settings.ridge, diagnostics=diagnostics)
-    return maps, reco_mean
+    return maps, made.recos.mean(axis=0)
 
 
 def score_volume(model, image: np.ndarray, mask: np.ndarray, settings: MhdSettings, scan: str,

@@ -280,6 +280,7 @@ def anomaly_maps_torch(
     ridge: float = 1e-2,
     scorers: Iterable[str] = SCORERS,
     ensemble: Tensor | None = None,
+    diagnostics: dict | None = None,
 ) -> dict[str, Tensor]:
     """All requested anomaly maps of one volume on its device; `anomaly_maps` in torch (same arguments).
 
@@ -290,6 +291,7 @@ def anomaly_maps_torch(
         ridge: λ of the covariance (method.md: 1e-2).
         scorers: any of SCORERS.
         ensemble: the cddpm scorer's reconstructions, [L,S,H,W]; needed only, and only read, for cddpm.
+        diagnostics: a dict the mhd map's Mahalanobis solve puts "residual_share_in_span" into, or None.
 
     Returns:
         {scorer: float32 [S,H,W] tensor on the image's device} in the order requested.
@@ -304,7 +306,7 @@ def anomaly_maps_torch(
         ssim=ssim_map_3d_torch,
         to_map=distance_to_anomaly_map_torch,
         l1=l1_anomaly_map_torch,
-        mahalanobis=lambda x, r, brain: pixelwise_mahalanobis(x, r, brain, ridge=ridge),
+        mahalanobis=lambda x, r, brain: pixelwise_mahalanobis(x, r, brain, ridge=ridge, diagnostics=diagnostics),
         diagonal=lambda x, r, brain: diagonal_mahalanobis(x, r, brain, ridge=ridge),
         absolute=torch.abs,
         float32=lambda v: v.to(torch.float32),
