@@ -165,11 +165,10 @@ def cmd_report(args) -> None:
     from mhd_uad.evaluation.report import update_readme, write_report
 
     params = _params(args)
-    out = write_report("metrics", list(params.datasets), str(params.profile_name), "reports",
-                       str(params.get("recipe", "base")))
+    recipe = str(params.get("recipe", "base"))
+    out = write_report("metrics", list(params.datasets), str(params.profile_name), "reports", recipe)
     log.info("summary written to %s and metrics/summary.json", out)
     if args.readme:
-        recipe = str(params.get("recipe", "base"))
         changed = update_readme(args.readme, out, recipe)
         log.info("%s results block (recipe %s) %s", args.readme, recipe, "updated" if changed else "already current")
 
