@@ -61,6 +61,7 @@ CONTRASTS = ("t1", "t2")
 # case -> (demo recipe, lesion volume range in mL for a typical case)
 CASES = {"stroke": ("ATLAS_v2", (3.0, 40.0)), "tumour": ("Brats21", (20.0, 150.0))}
 TARGETS = {"auroc": 0.9, "ratio": 2.0}
+MIN_LESION_CONTRAST = 0.05  # below this mean |lesion − twin| ([0, 1] scale) the table shows no restored share
 MAX_TRIES = 20
 TRAIN_FIRST = "train the demo models first (make demo)"
 
@@ -232,9 +233,54 @@ def scored_field_of_view(scan: Path, mask: Path, overrides: list[str] | None) ->
     return field_of_view(preprocess_scan(scan, mask, None, PrepareSettings.from_params(params)))
 
 
-def reconstruction_file(maps_dir: Path, contrast: str) -> Path:
-    """Where `score_pair` has `mhd-uad score --out-reconstruction` write the healthy twin's mean reconstruction."""
-    return maps_dir / f"healthy_{contrast}_reconstruction.nii.gz"
+def reconstruction_file(maps_dir: Path, contrast: str, twin: str = "healthy") -> Path:
+    """Where `score_pair` has `mhd-uad score --out-reconstruction` write a twin's mean reconstruction."""
+    return maps_dir / f"{twin}_{contrast}_reconstruction.nii.gz"
+
+
+def _on_model_grid(reconstruction: Path, prepared) -> np.ndarray:
+    """A mean reconstruction `score --out-reconstruction` wrote in the scan's space, sampled back onto the
+    model grid of the prepared scan (linear; see `reconstruction_bias`)."""
+    import warnings
+
+    import torch
+    import torchio as tio
+
+    from mhd_uad.data.geometry import to_slices
+    from mhd_uad.io import load_nifti
+
+    volume, affine = load_nifti(reconstruction, what="mean reconstruction")
+    geometry = prepared.geometry
+    image = tio.ScalarImage(tensor=torch.from_numpy(volume)[None], affine=affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchio warns about tensors without a path
+        on_grid = tio.Resample((geometry.grid_shape, geometry.grid_affine), image_interpolation="linear")(image)
+    return to_slices(on_grid.data[0].numpy()).astype(np.float64)
+
+
+def lesion_restored(files: dict, contrast: str, reconstruction: Path, overrides: list[str] | None) -> dict:
+    """The lesion's own contrast and how much of it the model takes out of its reconstruction, on the model
+    grid, over the lesion's brain voxels: `lesion_contrast` = mean(lesioned scan − healthy twin) ([0, 1] scale;
+    > 0: the lesion is brighter than the tissue it replaced), and `lesion_restored` = mean(lesioned scan − its
+    mean reconstruction) / lesion_contrast. 1: the reconstruction shows the healthy tissue the lesion replaced,
+    so the residual marks the lesion; 0: it reproduces the lesion, which the model then takes for healthy
+    anatomy. Below 0 or above 1 it pushes the lesion further from, or past, the healthy tissue; the ratio
+    means little when the contrast is faint (`markdown` leaves it out below MIN_LESION_CONTRAST)."""
+    from mhd_uad.config import load_params
+    from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
+
+    settings = PrepareSettings.from_params(load_params(list(overrides or []), REPO))
+    lesioned = preprocess_scan(files["lesioned"][contrast], files["lesioned"]["mask"], files["lesioned"]["seg"],
+                               settings)
+    healthy = preprocess_scan(files["healthy"][contrast], files["healthy"]["mask"], None, settings)
+    lesion = (lesioned.seg > 0) & (lesioned.mask > 0.5)
+    if not lesion.any():
+        raise MhdUadError("no lesion voxel on the model grid")
+    scan = lesioned.image.astype(np.float64)
+    removed = float((scan - _on_model_grid(reconstruction, lesioned))[lesion].mean())
+    contrast = float((scan - healthy.image.astype(np.float64))[lesion].mean())
+    return {"lesion_restored": removed / contrast if abs(contrast) > 1e-6 else float("nan"),
+            "lesion_contrast": contrast}
 
 
 def reconstruction_bias(scan: Path, mask: Path, reconstruction: Path, overrides: list[str] | None) -> dict:
@@ -245,29 +291,14 @@ def reconstruction_bias(scan: Path, mask: Path, reconstruction: Path, overrides:
     voxel size (the demo profile's 3 mm over these 1 mm scans) the grid's voxel centres are voxel centres of the
     scan, and this gives back the grid values `score` computed exactly; otherwise (2 mm over 1 mm, the paper
     profile) the way there and back smooths them slightly."""
-    import warnings
-
-    import torch
-    import torchio as tio
-
     from mhd_uad.config import load_params
-    from mhd_uad.data.geometry import to_slices
     from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
-    from mhd_uad.io import load_nifti
+    from mhd_uad.scoring.fidelity import reconstruction_fidelity
 
     params = load_params(list(overrides or []), REPO)
     prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(params))
-    volume, affine = load_nifti(reconstruction, what="mean reconstruction")
-    geometry = prepared.geometry
-    image = tio.ScalarImage(tensor=torch.from_numpy(volume)[None], affine=affine)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchio warns about tensors without a path
-        on_grid = tio.Resample((geometry.grid_shape, geometry.grid_affine), image_interpolation="linear")(image)
-    mean = to_slices(on_grid.data[0].numpy())
-    image, brain = prepared.image, prepared.mask > 0.5
-    diff = mean.astype(np.float64) - image
-    return {"bias_bright": float(diff[brain & (image >= 0.9)].mean()),
-            "bias_dark": float(diff[brain & (image < 0.3)].mean())}
+    fidelity = reconstruction_fidelity(prepared.image, _on_model_grid(reconstruction, prepared), prepared.mask > 0.5)
+    return {"bias_bright": fidelity["bias_bright"], "bias_dark": fidelity["bias_dark"]}
 
 
 def passes(m: dict) -> bool:
@@ -277,8 +308,8 @@ def passes(m: dict) -> bool:
 def score_pair(
     files: dict, maps_dir: Path, checkpoints: dict[str, list[Path]] | None, overrides: list[str] | None
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Score both twins in both contrasts with the CLI: {twin: {contrast: map}} on the scans' grid; the healthy
-    twin's mean reconstructions go to `reconstruction_file(maps_dir, contrast)`."""
+    """Score both twins in both contrasts with the CLI: {twin: {contrast: map}} on the scans' grid; their mean
+    reconstructions go to `reconstruction_file(maps_dir, contrast, twin)`."""
     from mhd_uad.io import load_nifti
 
     maps: dict[str, dict[str, np.ndarray]] = {}
@@ -294,7 +325,7 @@ def score_pair(
                     out,
                     None if checkpoints is None else checkpoints[c],
                     overrides,
-                    reconstruction_file(maps_dir, c) if twin == "healthy" else None,
+                    reconstruction_file(maps_dir, c, twin),
                 )
             )
             maps[twin][c], _ = load_nifti(out, what="anomaly map")
@@ -356,12 +387,25 @@ def run_benchmark(
                 m = measure(maps["lesioned"][c], maps["healthy"][c], seg, mask, fov)
                 m.update(reconstruction_bias(files["healthy"][c], files["healthy"]["mask"],
                                              reconstruction_file(folder / case, c), overrides))
+                m.update(lesion_restored(files, c, reconstruction_file(folder / case, c, "lesioned"), overrides))
                 entry["contrasts"][c] = {**{k: round(v, 4) for k, v in m.items()}, "pass": passes(m)}
             results["cases"][case] = entry
     results["seconds"] = {k: round(v, 1) for k, v in results["seconds"].items()}
     results["all_pass"] = all(r["pass"] for e in results["cases"].values() for r in e["contrasts"].values())
     write_reports(results, Path(out_dir))
     return results
+
+
+def _signed(value) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:+.3f}"
+
+
+def restored_percent(row: dict) -> str:
+    """The restored share of a row in %, or – where the lesion's contrast is too faint for the ratio to mean much."""
+    value, contrast = row.get("lesion_restored"), row.get("lesion_contrast")
+    if value is None or contrast is None or not np.isfinite(value) or abs(contrast) < MIN_LESION_CONTRAST:
+        return "–"
+    return f"{100 * value:.0f}"
 
 
 def markdown(results: dict) -> str:
@@ -373,11 +417,15 @@ def markdown(results: dict) -> str:
         "AUROC, AP and ratio over the brain inside the field of view the models score (the profile's centred "
         "crop, which the evaluate stage's metrics cover too); whole-brain AUROC counts the voxels outside it "
         "at their map value, 0. Reco − scan: the healthy twin's mean reconstruction minus the scan over its "
-        "brain voxels >= 0.9 / < 0.3 ([0, 1] scale, model grid); near 0 when the model keeps contrast.",
+        "brain voxels >= 0.9 / < 0.3 ([0, 1] scale, model grid); near 0 when the model keeps contrast. "
+        "Lesion − twin: the lesioned scan minus the healthy twin over the lesion (model grid). Restored: the "
+        "share of that contrast the lesioned scan's mean reconstruction takes out (100 %: it shows the healthy "
+        f"tissue; 0 %: it reproduces the lesion as healthy anatomy; – when the contrast is under "
+        f"{MIN_LESION_CONTRAST:g}).",
         "",
         "| case | contrast | lesion mL | lesion in view % | AUROC | AP % | ratio | AUROC whole brain "
-        "| reco − scan, bright / dark | result |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| reco − scan, bright / dark | lesion − twin | restored % | result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for case, e in results["cases"].items():
         for c, r in e["contrasts"].items():
@@ -385,7 +433,7 @@ def markdown(results: dict) -> str:
                 f"| {case} ({e['dataset']} #{e['index']}) | {c.upper()} | {e['lesion_ml']:.1f} | "
                 f"{r['lesion_in_fov_percent']:.0f} | {r['auroc']:.3f} | {r['ap_percent']:.1f} | {r['ratio']:.2f} | "
                 f"{r['auroc_whole_brain']:.3f} | {r['bias_bright']:+.3f} / {r['bias_dark']:+.3f} | "
-                f"{'pass' if r['pass'] else 'FAIL'} |"
+                f"{_signed(r.get('lesion_contrast'))} | {restored_percent(r)} | {'pass' if r['pass'] else 'FAIL'} |"
             )
     s = results["seconds"]
     lines += ["", f"Render {s['render']:.0f} s, score {s['score']:.0f} s."]

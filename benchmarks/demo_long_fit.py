@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from demo_generalisation import restored_percent
 from demo_seed_spread import SCORERS, read_auprc, scratch_copy
 from mhd_uad.config import compose
 from mhd_uad.devices import usable_cpus
@@ -121,12 +122,26 @@ def checkpoint_facts(repo: Path, modality: str) -> dict:
 def score_all(repo: Path, params) -> dict[str, float]:
     seconds = {"score-healthy": 0.0, "evaluate": 0.0}
     for modality in params.train.modalities:
-        if not (repo / "artifacts" / "healthy" / str(modality) / "fold0").is_dir():
+        if not (repo / "artifacts" / "healthy" / str(modality) / "fold0").is_dir() or \
+                not fidelity_file(repo, str(modality)).is_file():
             seconds["score-healthy"] += _run(_mhd("score-healthy", "--modality", str(modality), "--fold", "0"), repo)
     for dataset in params.datasets:
         if not (repo / "metrics" / f"{dataset}.json").is_file():
             seconds["evaluate"] += _run(_mhd("evaluate", "--dataset", str(dataset)), repo)
-    return {k: round(v, 1) for k, v in seconds.items()}
+    return {k: round(v, 1) if v else None for k, v in seconds.items()}  # None: nothing left to run
+
+
+def fidelity_file(repo: Path, modality: str) -> Path:
+    return repo / "metrics" / "healthy" / f"{modality}_fold0.json"
+
+
+def in_distribution(root: Path, repo: Path, modalities: list[str]) -> dict:
+    """{modality: {"demo": .., "long_fit": ..}}: the score-healthy stage's fidelity of each fold-0 model on its
+    healthy IXI val scans (scoring.fidelity); None where the committed demo has not written it."""
+    def read(path: Path):
+        return json.loads(path.read_text())["reconstruction"] if path.is_file() else None
+
+    return {m: {"demo": read(fidelity_file(root, m)), "long_fit": read(fidelity_file(repo, m))} for m in modalities}
 
 
 def held_out(repo: Path, work: Path) -> dict:
@@ -152,19 +167,31 @@ def markdown(report: dict, committed_held_out: dict | None) -> str:
         cells = [f"{100 * demo[s]:.1f} | {100 * long[s]:.1f}" if s in demo and s in long else "– | –"
                  for s in SCORERS]
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    if r.get("in_distribution"):
+        def cells(f):
+            return (f"{f['brain_l1']:.4f} | {f['bias_bright']:+.3f} / {f['bias_dark']:+.3f} | {f['contrast']:.2f}"
+                    if f else "– | – | –")
+
+        lines += ["", "In distribution first: the fold-0 model on its healthy IXI val scans (the score-healthy "
+                  "stage's `metrics/healthy/`; reco − scan on brain voxels ≥ 0.9 / < 0.3; contrast kept: 1 = all):",
+                  "", "| model | brain L1 demo | reco − scan demo | contrast demo | brain L1 long fit "
+                  "| reco − scan long fit | contrast long fit |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for m, pair in r["in_distribution"].items():
+            lines.append(f"| IXI {m.upper()} | {cells(pair['demo'])} | {cells(pair['long_fit'])} |")
     lines += ["", "The held-out anatomy (`benchmarks/demo_generalisation.py --checkpoint-dir` the long fits; "
               "targets AUROC >= 0.9, ratio >= 2):", "",
               "| case | contrast | AUROC demo | AUROC long fit | ratio demo | ratio long fit "
-              "| reco − scan bright / dark, demo | long fit | result |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              "| reco − scan bright / dark, demo | long fit | lesion restored %, demo / long fit | result |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for case, entry in r["held_out"]["cases"].items():
         for c, row in entry["contrasts"].items():
             old = (committed_held_out or {}).get("cases", {}).get(case, {}).get("contrasts", {}).get(c)
             before = (f"{old['auroc']:.3f}", f"{old['ratio']:.2f}", f"{old['bias_bright']:+.3f} / {old['bias_dark']:+.3f}") \
                 if old else ("–", "–", "–")
+            restored = f"{restored_percent(old) if old else '–'} / {restored_percent(row)}"
             lines.append(f"| {case} | {c.upper()} | {before[0]} | {row['auroc']:.3f} | {before[1]} | "
                          f"{row['ratio']:.2f} | {before[2]} | {row['bias_bright']:+.3f} / {row['bias_dark']:+.3f} | "
-                         f"{'pass' if row['pass'] else 'FAIL'} |")
+                         f"{restored} | {'pass' if row['pass'] else 'FAIL'} |")
     lines += ["", "Fits (lowest val loss; steps run): " + ", ".join(
         f"{m.upper()} {f.get('best_val_loss', float('nan')):.4f} ({f.get('global_step', '?')} steps)"
         for m, f in r["fits"].items()) + ". Galleries of the long fits: `reports/demo_long_fit/gallery/`."]
@@ -201,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         fit_seconds = {**json.loads(previous.read_text()), **fit_seconds}
     atomic_write_text(previous, json.dumps(fit_seconds) + "\n")
     score_seconds = score_all(repo, params)
+    previous = work / "score_seconds.json"
+    if previous.is_file():  # a stage an earlier call ran (and this one skipped) keeps its time
+        score_seconds = {k: v or json.loads(previous.read_text()).get(k, v) for k, v in score_seconds.items()}
+    atomic_write_text(previous, json.dumps(score_seconds) + "\n")
     from machine import cpu_name
 
     report = {
@@ -211,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {"fit": fit_seconds, **score_seconds},
         "auprc": {"demo": read_auprc(root / "metrics", list(demo.datasets)),
                   "long_fit": read_auprc(repo / "metrics", list(demo.datasets))},
+        "in_distribution": in_distribution(root, repo, modalities),
         "held_out": held_out(repo, work),
     }
     out_dir = args.out_dir or root / "reports"

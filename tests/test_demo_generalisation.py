@@ -207,6 +207,33 @@ def test_reconstruction_bias_reads_contrast_shrinkage_on_the_model_grid(coarse_b
     assert out["bias_dark"] == pytest.approx(diff[brain & (image < 0.3)].mean(), abs=1e-5)
 
 
+@pytest.mark.parametrize(("share", "expected"), [(1.0, 1.0), (0.0, 0.0), (0.5, 0.5)])
+def test_lesion_restored_is_the_share_of_the_lesions_contrast_the_reconstruction_takes_out(
+        coarse_base, tmp_path, share, expected):
+    """A stand-in reconstruction of the lesioned scan: the scan with `share` of the way to the healthy twin
+    taken inside the lesion (1: the healthy tissue; 0: the lesion as it is), written as `score
+    --out-reconstruction` writes it; read back on the model grid, the measure gives that share back."""
+    from mhd_uad.config import load_params
+    from mhd_uad.data.geometry import to_source_space
+    from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
+    from mhd_uad.io import save_nifti
+
+    pair = bench.render_pair(coarse_base, "tumour", seed=0)
+    files = bench.write_pair(pair, tmp_path)
+    settings = PrepareSettings.from_params(load_params([], REPO))
+    lesioned = preprocess_scan(files["lesioned"]["t2"], files["lesioned"]["mask"], files["lesioned"]["seg"], settings)
+    healthy = preprocess_scan(files["healthy"]["t2"], files["healthy"]["mask"], None, settings)
+    reco = lesioned.image + share * (healthy.image - lesioned.image) * (lesioned.seg > 0)
+    path = save_nifti(bench.reconstruction_file(tmp_path, "t2", "lesioned"),
+                      to_source_space(reco.astype(np.float32), lesioned.geometry, lesioned.source_brain),
+                      lesioned.geometry.source_affine, dtype=np.float32)
+    out = bench.lesion_restored(files, "t2", path, None)
+    assert out["lesion_restored"] == pytest.approx(expected, abs=1e-4)
+    assert out["lesion_contrast"] > 0.05  # the tumour is brighter than the tissue it replaced on T2
+    assert bench.restored_percent(out) == f"{100 * expected:.0f}"
+    assert bench.restored_percent({**out, "lesion_contrast": 0.01}) == "–"  # too faint for the ratio
+
+
 # --- the score command, the report, exit codes ----------------------------------------------------------------
 
 
@@ -243,7 +270,8 @@ def test_score_command_is_what_the_cli_parses(tmp_path):
 def _results(auroc=0.95, ratio=3.0):
     contrast = {"auroc": auroc, "ap_percent": 40.0, "ratio": ratio, "pass": auroc >= 0.9 and ratio >= 2,
                 "auroc_whole_brain": auroc - 0.05, "lesion_in_fov_percent": 90.0, "bias_bright": -0.125,
-                "bias_dark": 0.05}
+                "bias_dark": 0.05, "lesion_restored": 0.4,
+                "lesion_contrast": 0.12}
     case = {
         "dataset": "ATLAS_v2",
         "index": 0,
@@ -272,8 +300,8 @@ def test_exit_code_and_report(monkeypatch, capsys, tmp_path, auroc, check, code)
     assert bench.main(["--out-dir", str(tmp_path), *(["--check"] if check else [])]) == code
     out = capsys.readouterr().out
     assert ("| case | contrast | lesion mL | lesion in view % | AUROC | AP % | ratio | AUROC whole brain "
-            "| reco − scan, bright / dark | result |") in out
-    assert "| -0.125 / +0.050 |" in out
+            "| reco − scan, bright / dark | lesion − twin | restored % | result |") in out
+    assert "| -0.125 / +0.050 | +0.120 | 40 |" in out
     assert ("FAIL" in out) == (auroc < 0.9)
     assert ("TARGETS FAILED: stroke T1, stroke T2" in out) == (auroc < 0.9)
     assert json.loads((tmp_path / "demo_generalisation.json").read_text())["cases"]["stroke"]["index"] == 0

@@ -40,9 +40,23 @@ def test_the_report_sets_the_long_fits_beside_the_demo():
               "fits": {"t1": {"best_val_loss": 0.1, "global_step": 5600}, "t2": {"best_val_loss": 0.2, "global_step": 5600}}}
     text = probe.markdown(report, {"cases": {"tumour": {"contrasts": {"t1": old}}}})
     assert "| Brats21 | 42.0 | 50.0 | 30.0 | 35.0 | 20.0 | 25.0 |" in text
-    assert "| tumour | T1 | 0.742 | 0.950 | 2.99 | 2.50 | -0.109 / +0.066 | -0.050 / +0.040 | pass |" in text
+    assert "| tumour | T1 | 0.742 | 0.950 | 2.99 | 2.50 | -0.109 / +0.066 | -0.050 / +0.040 | – / – | pass |" in text
     assert "| tumour | T2 | – | 0.500 |" in text and "FAIL" in text
     assert "5600 steps" in text and "T1 60 min, T2 61 min (side by side)" in text
+    assert "In distribution" not in text  # a report without the fidelity files
+    fid = {"brain_l1": 0.0451, "bias_bright": -0.084, "bias_dark": 0.006, "contrast": 0.878}
+    report["in_distribution"] = {"t2": {"demo": None, "long_fit": fid}}
+    text = probe.markdown(report, None)
+    assert "| IXI T2 | – | – | – | 0.0451 | -0.084 / +0.006 | 0.88 |" in text
+
+
+def test_the_probe_reads_each_models_in_distribution_fidelity(tmp_path):
+    probe = _load()
+    root, repo = tmp_path / "root", tmp_path / "repo"
+    path = probe.fidelity_file(repo, "t2")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"reconstruction": {"brain_l1": 0.05}}')
+    assert probe.in_distribution(root, repo, ["t2"]) == {"t2": {"demo": None, "long_fit": {"brain_l1": 0.05}}}
 
 
 def test_the_probe_needs_the_demos_models_first(tmp_path):

@@ -113,7 +113,7 @@ def test_ddp_on_two_cpu_processes_resumes_and_writes_what_one_process_writes(tin
 
 EVAL = ["evaluate.scorers=[mhd,single,nocov,l1_mean_postproc]"]  # a component-filtered scorer among them
 OUTPUTS = ["metrics/MSLUB.json", "metrics/MSLUB_per_volume.csv", "artifacts/healthy/t2/fold0/thresholds.json",
-           "reports/gallery/MSLUB.png"]
+           "metrics/healthy/t2_fold0.json", "reports/gallery/MSLUB.png"]
 
 
 def test_scoring_in_two_processes_writes_what_one_process_writes(tiny_model, tmp_path,

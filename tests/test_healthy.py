@@ -16,6 +16,7 @@ from mhd_uad.evaluation import healthy
 from mhd_uad.evaluation.evaluate import ScorerFold, other_conventions, volume_conventions
 from mhd_uad.evaluation.healthy import (
     FPR_LEVELS,
+    fidelity_path,
     fpr_thresholds,
     read_thresholds,
     thresholds_path,
@@ -202,8 +203,8 @@ def test_score_healthy_scores_the_val_scans_and_writes_every_scorers_thresholds(
         scored.append(scan)
         return None
 
-    def fake_maps(image, mask, made, settings):
-        return {s: image * (k + 1) * (mask > 0) for k, s in enumerate(settings.scorers)}, image
+    def fake_maps(image, mask, made, settings):  # a mean reconstruction that keeps 0.8 of the contrast
+        return {s: image * (k + 1) * (mask > 0) for k, s in enumerate(settings.scorers)}, 0.8 * image + 0.1
 
     monkeypatch.setattr(healthy, "device_part", fake_device)
     monkeypatch.setattr(healthy, "cpu_part", fake_maps)
@@ -219,3 +220,12 @@ def test_score_healthy_scores_the_val_scans_and_writes_every_scorers_thresholds(
         expected = threshold_at_fpr(brain * (k + 1), list(FPR_LEVELS.values()))
         assert [data["thresholds"][s][key] for key in FPR_LEVELS] == pytest.approx(list(expected))
     assert read_thresholds(out, scorers, "t2", 1)["mhd"] == data["thresholds"]["mhd"]
+    # the same pass wrote the in-distribution fidelity of the mean reconstruction, pooled and per scan
+    fidelity = json.loads(fidelity_path(tmp_path, "t2", 1).read_text())
+    assert (fidelity["modality"], fidelity["fold"], fidelity["n_scans"], list(fidelity["per_scan"])) == \
+        ("t2", 1, 2, ["h2", "h0"])
+    pooled = fidelity["reconstruction"]
+    assert pooled["contrast"] == pytest.approx(0.8) and pooled["n_voxels"] == brain.size
+    assert pooled["brain_l1"] == pytest.approx(np.abs(-0.2 * brain + 0.1).mean())
+    assert pooled["bias_dark"] == pytest.approx((-0.2 * brain[brain < 0.3] + 0.1).mean())
+    assert fidelity["per_scan"]["h0"]["brain_l1"] == pytest.approx(np.abs(-0.2 * ps.images[0][masks[0] > 0] + 0.1).mean())

@@ -3,7 +3,7 @@
 import yaml
 
 from conftest import REPO
-from mhd_uad.evaluation.report import README_END, README_START, load_metrics, summary_markdown
+from mhd_uad.evaluation.report import README_END, README_START, load_fidelity, load_metrics, summary_markdown
 
 
 def test_readme_results_block_is_the_rendering_of_the_committed_metrics():
@@ -11,7 +11,8 @@ def test_readme_results_block_is_the_rendering_of_the_committed_metrics():
     metrics = load_metrics(REPO / "metrics", list(params["datasets"]))
     text = (REPO / "README.md").read_text(encoding="utf-8")
     block = text.split(README_START, 1)[1].split(README_END, 1)[0].strip()
-    assert block == summary_markdown(metrics, params["profile_name"]).strip(), (
+    fidelity = load_fidelity(REPO / "metrics")
+    assert block == summary_markdown(metrics, params["profile_name"], fidelity=fidelity).strip(), (
         "README results differ from metrics/*.json: run `mhd-uad report --readme README.md`")
     assert (REPO / "reports" / "summary.md").read_text(encoding="utf-8").split("\n", 2)[2].strip() == block
 

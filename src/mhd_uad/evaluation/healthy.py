@@ -12,6 +12,11 @@ Under `torchrun --nproc_per_node K` rank r scores the scans r, r + K, ... and le
 work folder (artifacts/eval/IXI_<M>-fold<K>, removed at the end); rank 0 pools them in the list's order and
 writes the file, the same as a single process's (evaluation.sharding).
 
+The same pass measures how faithfully the fold's model keeps these healthy scans (scoring.fidelity: brain L1
+of the mean reconstruction, reco − scan on bright and dark voxels, the share of contrast kept), the
+in-distribution check of a model before any lesion is looked at. It goes to metrics/healthy/<M>_fold<K>.json
+(a DVC metric, so `dvc exp show` compares it across experiments), pooled over the scans and per scan.
+
 artifacts/healthy/<M>/fold<K>/thresholds.json (written atomically):
     {"modality": "t2", "fold": 0, "n_scans": .., "n_voxels": .. (pooled brain voxels), "scans": [names],
      "fpr": {"fpr01": 0.01, "fpr05": 0.05, "fpr10": 0.1},
@@ -36,18 +41,32 @@ from mhd_uad.errors import InputFileError
 from mhd_uad.evaluation.metrics import threshold_at_fpr
 from mhd_uad.evaluation.overlap import evaluation_workers, overlapped
 from mhd_uad.evaluation.sharding import SINGLE, Shard, drop, process_shard, shared_folder, unstash
-from mhd_uad.io import atomic_write_text
+from mhd_uad.io import atomic_write_text, json_safe
 from mhd_uad.models.checkpoint import cddpm_path, load_cddpm
 from mhd_uad.models.inference import MhdSettings, cpu_part, device_part, release_device_memory, select_device
+from mhd_uad.scoring.fidelity import FidelitySums, fidelity_sums
 from mhd_uad.tracking import log_evaluation
 
 log = logging.getLogger(__name__)
 
 FPR_LEVELS: dict[str, float] = {"fpr01": 0.01, "fpr05": 0.05, "fpr10": 0.10}
+FIDELITY_KEY = "_fidelity"  # beside the scorers' names in a scan's stash
 
 
 def thresholds_path(root: str | Path, modality: str, fold: int) -> Path:
     return Path(root) / "artifacts" / "healthy" / modality / f"fold{int(fold)}" / "thresholds.json"
+
+
+def fidelity_path(root: str | Path, modality: str, fold: int) -> Path:
+    return Path(root) / "metrics" / "healthy" / f"{modality}_fold{int(fold)}.json"
+
+
+def fidelity_report(modality: str, fold: int, names: list[str], sums: list[FidelitySums]) -> dict:
+    """The metrics/healthy/<M>_fold<K>.json payload: the pooled figures (voxel-weighted) and each scan's."""
+    total = sum(sums, FidelitySums())
+    return json_safe({"modality": modality, "fold": int(fold), "n_scans": len(names),
+                      "reconstruction": total.summary(),
+                      "per_scan": {name: s.summary() for name, s in zip(names, sums, strict=True)}})
 
 
 def healthy_scans(params, modality: str, fold: int) -> tuple[PreparedSet, list[int]]:
@@ -61,9 +80,10 @@ def healthy_scans(params, modality: str, fold: int) -> tuple[PreparedSet, list[i
 
 def pooled_brain_scores(model, ps: PreparedSet, positions: list[int], settings: MhdSettings, device,
                         desc: str = "healthy", shard: Shard = SINGLE, work: Path | None = None, workers: int = 0
-                        ) -> tuple[dict[str, np.ndarray], int]:
-    """Every scorer's map values over the brain voxels (mask > 0) of the scans, pooled; and their number.
-    Under torchrun each rank scores its share; rank 0 returns the pool of all of them, the others ({}, 0).
+                        ) -> tuple[dict[str, np.ndarray], int, list[FidelitySums]]:
+    """Every scorer's map values over the brain voxels (mask > 0) of the scans, pooled; their number; and each
+    scan's reconstruction-fidelity sums (scoring.fidelity), in the scans' order. Under torchrun each rank
+    scores its share; rank 0 returns the pool of all of them, the others ({}, 0, []).
     With `workers`, the maps of a scan are made in CPU threads while the device reconstructs the next
     (evaluation.overlap)."""
     def device_step(item):
@@ -73,19 +93,22 @@ def pooled_brain_scores(model, ps: PreparedSet, positions: list[int], settings: 
 
     def brain_scores(item, made):
         (i, _), (image, mask, scanned) = item, made
-        maps, _ = cpu_part(image, mask, scanned, settings)
+        maps, reco_mean = cpu_part(image, mask, scanned, settings)
         brain = mask > 0
-        return i, shard.stash(Path(work or ".") / f"healthy_{i:06d}.npz", {s: maps[s][brain] for s in settings.scorers})
+        arrays = {s: maps[s][brain] for s in settings.scorers}
+        arrays[FIDELITY_KEY] = fidelity_sums(image, reco_mean, mask).to_array()
+        return i, shard.stash(Path(work or ".") / f"healthy_{i:06d}.npz", arrays)
 
     items = shard.mine(positions)
     mine = list(tqdm(overlapped(items, device_step, brain_scores, workers, device), total=len(items), desc=desc,
                      unit="scan"))
     scans = shard.gather_in_order(mine)
     if not shard.main:
-        return {}, 0
+        return {}, 0, []
     pooled = {s: np.concatenate([unstash(scan, s) for scan in scans]) for s in settings.scorers}
+    fidelity = [FidelitySums.from_array(unstash(scan, FIDELITY_KEY)) for scan in scans]
     drop(scans)
-    return pooled, int(pooled[settings.scorers[0]].size)
+    return pooled, int(pooled[settings.scorers[0]].size), fidelity
 
 
 def fpr_thresholds(pooled: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -159,7 +182,7 @@ def run_score_healthy(params, modality: str, fold: int, root: str | Path = ".") 
         model, _ = load_cddpm(params, cddpm_path(root, modality, fold), modality)
         model.to(device)
         with shared_folder(shard, scratch) if shard.world > 1 else contextlib.nullcontext() as work:
-            pooled, n_voxels = pooled_brain_scores(model, ps, positions, settings, device,
+            pooled, n_voxels, fidelity = pooled_brain_scores(model, ps, positions, settings, device,
                                                    f"IXI {modality} fold {fold}", shard, work,
                                                    evaluation_workers(params.evaluate.get("workers", "auto"), device))
         del model
@@ -173,9 +196,17 @@ def run_score_healthy(params, modality: str, fold: int, root: str | Path = ".") 
     thresholds = fpr_thresholds(pooled)
     payload = {"modality": modality, "fold": int(fold), "n_scans": len(positions), "n_voxels": n_voxels,
                "scans": [ps.names[p] for p in positions], "fpr": dict(FPR_LEVELS), "thresholds": thresholds}
+    names = [ps.names[p] for p in positions]
+    report = fidelity_report(modality, fold, names, fidelity)
+    metrics = fidelity_path(root, modality, fold)
+    atomic_write_text(metrics, json.dumps(report, indent=2) + "\n")
     write_thresholds(out, payload)
-    log.info("%s fold %d: FPR thresholds from %d healthy scans (%d brain voxels)", modality, fold,
-             len(positions), n_voxels)
+    r = report["reconstruction"]
+    log.info("%s fold %d: FPR thresholds from %d healthy scans (%d brain voxels); mean reconstruction: brain L1 "
+             "%.4f, reco - scan bright %+.3f / dark %+.3f, contrast kept %.2f", modality, fold, len(positions),
+             n_voxels, *(float("nan") if r[k] is None else r[k] for k in ("brain_l1", "bias_bright", "bias_dark",
+                                                                           "contrast")))
     log_evaluation(f"score-healthy@{modality}-{fold}", to_plain(params),
-                   {"n_scans": len(positions), "n_voxels": n_voxels, "thresholds": thresholds}, [out])
+                   {"n_scans": len(positions), "n_voxels": n_voxels, "thresholds": thresholds,
+                    "reconstruction": report["reconstruction"]}, [out, metrics])
     return out

@@ -1,4 +1,5 @@
-"""Results tables from metrics/*.json: the `report` stage's summary, and the README's results block.
+"""Results tables from metrics/*.json (and the score-healthy stages' metrics/healthy/*.json): the `report`
+stage's summary, and the README's results block.
 
 Figures in the README come only from here: `mhd-uad report --readme README.md` rewrites the block
 between the results markers from the metrics files the pipeline wrote.
@@ -56,6 +57,46 @@ def load_metrics(metrics_dir: str | Path, datasets: list[str]) -> dict[str, dict
         except json.JSONDecodeError as exc:
             raise InputFileError(f"not valid JSON ({exc})", path) from None
     return out
+
+
+def load_fidelity(metrics_dir: str | Path) -> dict[str, list[dict]]:
+    """{modality: [each fold's metrics/healthy/<M>_fold<K>.json]} (the score-healthy stages'), folds in order;
+    {} without the folder."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted((Path(metrics_dir) / "healthy").glob("*_fold*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f"not valid JSON ({exc})", path) from None
+        if not isinstance(data, dict) or not isinstance(data.get("reconstruction"), dict):
+            raise InputFileError("no `reconstruction` object (re-run the score-healthy stage)", path)
+        out.setdefault(str(data.get("modality", path.stem.split("_")[0])), []).append(data)
+    return out
+
+
+def fidelity_markdown(fidelity: dict[str, list[dict]]) -> list[str]:
+    """The in-distribution table: each modality's fidelity on the healthy val scans, the mean over folds."""
+    if not fidelity:
+        return []
+
+    def mean(folds: list[dict], key: str) -> float | None:
+        values = [f["reconstruction"].get(key) for f in folds]
+        values = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        return sum(values) / len(values) if values else None
+
+    def cell(value, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    lines = ["", "How faithfully the mean reconstruction keeps healthy scans (IXI val of each fold, never trained on; "
+             "`metrics/healthy/`, the mean over folds; [0, 1] scale; bright ≥ 0.9, dark < 0.3; contrast kept: the "
+             "slope of the reconstruction on the scan, 1 = all):", "",
+             "| model | folds | val scans | brain L1 | reco − scan, bright | reco − scan, dark | contrast kept |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for modality, folds in sorted(fidelity.items()):
+        lines.append(f"| IXI {modality.upper()} | {len(folds)} | {sum(int(f.get('n_scans', 0)) for f in folds)} | "
+                     f"{cell(mean(folds, 'brain_l1'), '.4f')} | {cell(mean(folds, 'bias_bright'), '+.3f')} | "
+                     f"{cell(mean(folds, 'bias_dark'), '+.3f')} | {cell(mean(folds, 'contrast'), '.2f')} |")
+    return lines
 
 
 def _pct(value) -> str:
@@ -166,7 +207,8 @@ def other_conventions_markdown(metrics: dict[str, dict]) -> list[str]:
     return [*lines, "</details>"]
 
 
-def summary_markdown(metrics: dict[str, dict], profile: str, recipe: str = "base") -> str:
+def summary_markdown(metrics: dict[str, dict], profile: str, recipe: str = "base",
+                     fidelity: dict[str, list[dict]] | None = None) -> str:
     n_folds = {b.get("volumes", {}).get("n_folds") for b in metrics.values()}
     versus = versus_mhd_table(metrics)
     significance = [
@@ -188,6 +230,7 @@ def summary_markdown(metrics: dict[str, dict], profile: str, recipe: str = "base
         markdown_table(metrics, "dice"),
         "",
         wins_line(metrics),
+        *fidelity_markdown(fidelity or {}),
         *other_conventions_markdown(metrics),
         *scorer_legend(metrics),
     ])
@@ -198,7 +241,8 @@ def write_report(metrics_dir: str | Path, datasets: list[str], profile: str, rep
     metrics = load_metrics(metrics_dir, datasets)
     atomic_write_text(Path(metrics_dir) / "summary.json", json.dumps(summary(metrics), indent=2) + "\n")
     out = Path(reports_dir) / "summary.md"
-    atomic_write_text(out, "# Results\n\n" + summary_markdown(metrics, profile, recipe) + "\n")
+    atomic_write_text(out, "# Results\n\n" + summary_markdown(metrics, profile, recipe, load_fidelity(metrics_dir))
+                      + "\n")
     return out
 
 
