@@ -80,6 +80,16 @@ class CasePair:
     lesion_ml: float
 
 
+def file_md5(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def find_checkpoints(checkpoint_dir: Path, shown: str | None = None) -> dict[str, list[Path]]:
     """The cDDPM checkpoints `<dir>/<modality>/fold*/cddpm.ckpt` of each contrast; none -> MhdUadError."""
     found = {}
@@ -357,6 +367,8 @@ def run_benchmark(
             c: [f"{shown}/{p.relative_to(checkpoint_dir).as_posix()}" for p in v]
             for c, v in checkpoints.items()
         },
+        # which models these are: the md5 DVC records for them in dvc.lock (tests/test_readme.py checks it)
+        "checkpoint_md5": {c: [file_md5(p) for p in v] for c, v in checkpoints.items()},
         "cases": {},
         "seconds": {"render": 0.0, "score": 0.0},
     }

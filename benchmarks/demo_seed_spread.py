@@ -7,7 +7,8 @@ into a scratch folder beside the current `data/`, `artifacts/splits` and `artifa
 test scans stay the same), re-runs pretrain, train, score-healthy and evaluate with the fits seeded by
 each `--seeds` value (`seed=<s>` on the pretrain and train commands only), and tabulates every scorer's
 AUPRC per set for the current run (`metrics/`, the committed seed) and each other seed, with the mean,
-the standard deviation and the range. Writes reports/demo_seed_spread.{json,md}:
+the standard deviation and the range; and the same for each model's reconstruction fidelity on its healthy
+val scans (`metrics/healthy/`, scoring.fidelity). Writes reports/demo_seed_spread.{json,md}:
 
     python benchmarks/demo_seed_spread.py --seeds 1 2                 # after `make demo`; ~10 min a seed
     python benchmarks/demo_seed_spread.py --seeds 1 2 --readme README.md
@@ -81,7 +82,38 @@ def run_seed(work: Path, seed: int, params) -> dict[str, dict[str, float]]:
             _run([*mhd, "score-healthy", "--modality", modality, "--fold", str(fold)], work)
     for dataset in params.datasets:
         _run([*mhd, "evaluate", "--dataset", str(dataset)], work)
-    return read_auprc(work / "metrics", list(params.datasets))
+    return read_auprc(work / "metrics", list(params.datasets)), read_fidelity(work / "metrics")
+
+
+FIDELITY = {"brain_l1": ("brain L1", ".4f"), "bias_bright": ("reco − scan, bright", "+.3f"),
+            "bias_dark": ("reco − scan, dark", "+.3f"), "contrast": ("contrast kept", ".3f")}
+
+
+def read_fidelity(metrics_dir: Path) -> dict[str, dict[str, float]]:
+    """{"<M>_fold<K>": the score-healthy stage's pooled fidelity figures} ({} before the stage wrote them)."""
+    out = {}
+    for path in sorted((metrics_dir / "healthy").glob("*_fold*.json")):
+        pooled = json.loads(path.read_text())["reconstruction"]
+        out[path.stem] = {k: pooled[k] for k in FIDELITY if isinstance(pooled.get(k), int | float)}
+    return out
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+            "min": float(values.min()), "max": float(values.max())}
+
+
+def summarise_fidelity(runs: dict[str, dict]) -> dict:
+    """{model: {figure: mean, std, min, max}} over the seeds that have the model's figure."""
+    models = sorted({m for r in runs.values() for m in r})
+    out = {}
+    for model in models:
+        out[model] = {}
+        for key in FIDELITY:
+            values = np.array([r[model][key] for r in runs.values() if key in r.get(model, {})])
+            if len(values):
+                out[model][key] = _stats(values)
+    return out
 
 
 def summarise(runs: dict[str, dict]) -> dict:
@@ -92,9 +124,7 @@ def summarise(runs: dict[str, dict]) -> dict:
         for scorer in SCORERS:
             values = np.array([r[dataset][scorer] for r in runs.values() if scorer in r[dataset]])
             if len(values):
-                spread[dataset][scorer] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if
-                                           len(values) > 1 else float("nan"),
-                                           "min": float(values.min()), "max": float(values.max())}
+                spread[dataset][scorer] = _stats(values)
     return {"runs": runs, "spread": spread}
 
 
@@ -111,6 +141,19 @@ def markdown(report: dict) -> str:
             cells = [f"{100 * runs[k][dataset][scorer]:.1f}" for k in seeds]
             lines.append(f"| {dataset} | {scorer} | " + " | ".join(cells) +
                          f" | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {100 * (s['max'] - s['min']):.1f} |")
+    fidelity, fruns = report.get("fidelity_spread"), report.get("fidelity_runs", {})
+    if fidelity:
+        lines += ["", "Reconstruction fidelity of the same fits on their healthy IXI val scans (the score-healthy "
+                  "stage's `metrics/healthy/`): the spread a change has to beat before it counts in distribution.",
+                  "", "| model | figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | range |",
+                  "|---|---|" + "---|" * len(seeds) + "---|---|"]
+        for model, by_key in fidelity.items():
+            for key, s in by_key.items():
+                label, fmt = FIDELITY[key]
+                cells = [format(fruns[k][model][key], fmt) if key in fruns.get(k, {}).get(model, {}) else "–"
+                         for k in seeds]
+                lines.append(f"| {model} | {label} | " + " | ".join(cells) + f" | {format(s['mean'], fmt)} ± "
+                             f"{s['std']:.4f} | {s['max'] - s['min']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,23 +172,26 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("demo_seed_spread: metrics/ is incomplete: run `make demo` first")
     out_dir = args.out_dir or root / "reports"
     previous = out_dir / "demo_seed_spread.json"
-    done = {} if args.fresh or not previous.is_file() else json.loads(previous.read_text())["runs"]
+    earlier = {} if args.fresh or not previous.is_file() else json.loads(previous.read_text())
+    done, done_fidelity = earlier.get("runs", {}), earlier.get("fidelity_runs", {})
     runs = {str(params.seed): read_auprc(root / "metrics", list(params.datasets))}
+    fidelity = {str(params.seed): read_fidelity(root / "metrics")}
     for seed in args.seeds:
         if str(seed) in runs:
             raise SystemExit(f"demo_seed_spread: seed {seed} is listed twice (or is the params' own)")
         if str(seed) in done:  # measured by an earlier call (--fresh measures again)
             print(f"seed {seed}: from {previous.name}", flush=True)
             runs[str(seed)] = done[str(seed)]
+            fidelity[str(seed)] = done_fidelity.get(str(seed), {})
             continue
         work = Path(tempfile.mkdtemp(prefix=f"seed{seed}-"))
         try:
             print(f"seed {seed}: fitting and evaluating in a scratch copy", flush=True)
-            runs[str(seed)] = run_seed(scratch_copy(root, work / "repo"), seed, params)
+            runs[str(seed)], fidelity[str(seed)] = run_seed(scratch_copy(root, work / "repo"), seed, params)
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-    report = summarise(runs)
+    report = {**summarise(runs), "fidelity_runs": fidelity, "fidelity_spread": summarise_fidelity(fidelity)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "demo_seed_spread.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(out_dir / "demo_seed_spread.md", markdown(report))

@@ -162,3 +162,30 @@ def test_the_comment_gives_this_changes_mhd_deltas_with_interval_and_p(repo):
     text, _ = build_report("HEAD", repo)
     assert "MHD − baseline, AUPRC [95 % CI], this change: single reconstruction +3.1 [+1.2, +5.0] pp, p = 0.004" \
         in text
+
+
+def test_the_report_sets_each_models_fidelity_on_healthy_scans_beside_the_base(repo):
+    healthy = repo / "metrics" / "healthy"
+    healthy.mkdir()
+
+    def fidelity(name, l1, bright, contrast):
+        (healthy / f"{name}.json").write_text(json.dumps({"modality": name[:2], "fold": 0, "reconstruction": {
+            "brain_l1": l1, "bias_bright": bright, "bias_dark": 0.01, "contrast": contrast}}))
+
+    fidelity("t2_fold0", 0.075, -0.188, 0.70)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "fidelity at the base")
+    fidelity("t2_fold0", 0.045, -0.084, 0.88)
+    fidelity("t1_fold0", 0.053, None, 0.92)  # new in this change, with a figure that had no voxels (null)
+    text, result = build_report("HEAD", repo)
+    t2 = result["fidelity"]["t2_fold0"]
+    assert t2["brain_l1"]["delta"] == pytest.approx(-0.030) and t2["contrast"]["delta"] == pytest.approx(0.18)
+    assert result["fidelity"]["t1_fold0"]["brain_l1"] == {"base": None, "new": 0.053, "delta": None}
+    assert "### Reconstruction fidelity on the healthy val scans" in text
+    assert "| t2_fold0 | 0.0750 → 0.0450 (-0.0300) | -0.188 → -0.084 (+0.104) |" in text
+    assert "| t1_fold0 | – → 0.0530 | – → – |" in text
+
+
+def test_a_report_without_fidelity_files_has_no_such_section(repo):
+    text, result = build_report("HEAD", repo)
+    assert result["fidelity"] == {} and "Reconstruction fidelity" not in text

@@ -32,3 +32,39 @@ def test_readme_benchmark_blocks_are_the_benchmarks_reports():
         assert _block(text, start, f"<!-- {name}:end -->") == markdown_body(report), (
             f"README {name} block differs from reports/{report.name}: rerun the benchmark with --readme README.md"
         )
+
+
+def _lock_md5(path: str) -> str:
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    found = {o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", []) if o["path"] == path}
+    assert len(found) == 1, f"{path}: {found or 'not'} in dvc.lock"
+    return found.pop()
+
+
+def test_the_benchmark_reports_in_the_readme_are_of_the_committed_models_and_metrics():
+    """The README's benchmark figures describe the models and metrics `dvc.lock` records, not older ones: a
+    retrained demo has to re-run the benchmarks that read its models or its metrics."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from demo_seed_spread import read_auprc, read_fidelity
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    datasets = list(params["datasets"])
+    held_out = json.loads((REPO / "reports" / "demo_generalisation.json").read_text())
+    for contrast, sums in held_out["checkpoint_md5"].items():
+        files = [f"models/{contrast}/fold{fold}/cddpm.ckpt" for fold in params["train"]["folds"]]
+        assert sums == [_lock_md5(f) for f in files], (
+            "reports/demo_generalisation.* are of other models: run benchmarks/demo_generalisation.py --readme README.md")
+    spread = json.loads((REPO / "reports" / "demo_seed_spread.json").read_text())
+    assert spread["runs"][str(params["seed"])] == read_auprc(REPO / "metrics", datasets), (
+        "reports/demo_seed_spread.* predate metrics/: run benchmarks/demo_seed_spread.py --seeds 1 2 --fresh")
+    assert spread["fidelity_runs"][str(params["seed"])] == read_fidelity(REPO / "metrics")
+    long_fit = json.loads((REPO / "reports" / "demo_long_fit.json").read_text())
+    assert long_fit["auprc"]["demo"] == read_auprc(REPO / "metrics", datasets), (
+        "reports/demo_long_fit.* compare with older demo metrics: rerun benchmarks/demo_long_fit.py --work DIR")
+    for contrast, pair in long_fit["in_distribution"].items():
+        pooled = json.loads((REPO / "metrics" / "healthy" / f"{contrast}_fold0.json").read_text())["reconstruction"]
+        assert pair["demo"] == pooled
+    assert long_fit["held_out_demo"] == held_out["cases"], "reports/demo_long_fit.* hold another held-out report"

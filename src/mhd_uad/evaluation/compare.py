@@ -1,4 +1,5 @@
-"""`mhd-uad report --base REV`: metric deltas between a git revision and the workspace, as markdown or JSON.
+"""`mhd-uad report --base REV`: metric deltas between a git revision and the workspace, as markdown or JSON,
+and each model's reconstruction fidelity on its healthy val scans (metrics/healthy/), base → new.
 
 Text only: numbers from metrics/*.json and params.yaml, never images of scans, so the report can be
 posted to a pull request. The base side is read from git (`git show REV:metrics/<set>.json`); a base
@@ -165,6 +166,62 @@ def versus_mhd_line(blocks: dict) -> str | None:
     return "MHD − baseline, AUPRC [95 % CI], this change: " + " · ".join(parts) if parts else None
 
 
+FIDELITY_KEYS = {"brain_l1": ("brain L1", ".4f"), "bias_bright": ("reco − scan, bright", "+.3f"),
+                 "bias_dark": ("reco − scan, dark", "+.3f"), "contrast": ("contrast kept", ".3f")}
+
+
+def fidelity_at(rev: str | None, root: Path, metrics_dir: str = "metrics") -> dict[str, dict]:
+    """{"<M>_fold<K>": the score-healthy stage's pooled reconstruction fidelity} at a git revision (None: the
+    workspace); {} where there are none (a revision from before they existed)."""
+    out = {}
+    for path, text in files_at(rev, root, f"{metrics_dir}/healthy", ".json").items():
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MhdUadError(f"{path} at {rev or 'the workspace'} is not valid JSON ({exc})") from None
+        if isinstance(data, dict) and isinstance(data.get("reconstruction"), dict):
+            out[Path(path).stem] = data["reconstruction"]
+    return out
+
+
+def fidelity_changes(base: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
+    """{model: {key: {"base", "new", "delta"}}} for every model in the workspace (base None where it had none)."""
+    def value(d: dict | None, key: str) -> float | None:
+        v = (d or {}).get(key)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    out = {}
+    for model in sorted(new):
+        row = {}
+        for key in FIDELITY_KEYS:
+            b, n = value(base.get(model), key), value(new[model], key)
+            row[key] = {"base": b, "new": n, "delta": None if b is None or n is None else n - b}
+        out[model] = row
+    return out
+
+
+def fidelity_markdown(changes: dict[str, dict]) -> list[str]:
+    """The in-distribution section of the report: each model's fidelity on its healthy val scans, base → new."""
+    if not changes:
+        return []
+
+    def cell(entry: dict, fmt: str) -> str:
+        def f(v):
+            return "–" if v is None else format(v, fmt)
+        delta = "" if entry["delta"] is None else f" ({format(entry['delta'], '+' + fmt.lstrip('+'))})"
+        return f"{f(entry['base'])} → {f(entry['new'])}{delta}"
+
+    lines = ["### Reconstruction fidelity on the healthy val scans", "",
+             "The in-distribution check (`metrics/healthy/`, the score-healthy stages): how faithfully each fold's "
+             "mean reconstruction keeps healthy scans it never trained on ([0, 1] scale; reco − scan near 0 and "
+             "contrast kept near 1 are better).", "",
+             "| model | " + " | ".join(label for label, _ in FIDELITY_KEYS.values()) + " |",
+             "|---|" + "---:|" * len(FIDELITY_KEYS)]
+    for model, row in changes.items():
+        lines.append(f"| {model} | " + " | ".join(cell(row[k], fmt) for k, (_, fmt) in FIDELITY_KEYS.items()) + " |")
+    return [*lines, ""]
+
+
 def _fmt(v, pct=True) -> str:
     if v is None:
         return "–"
@@ -202,6 +259,7 @@ def render_markdown(result: dict, base_rev: str, base_missing: bool, params_diff
         lines.append("")
         if line := versus_mhd_line(new_metrics.get(dataset, {}) if new_metrics else {}):
             lines += [line, ""]
+    lines += fidelity_markdown(result.get("fidelity") or {})
     lines += ["<details><summary>Params changed (" + str(len(params_diff)) + ")</summary>", ""]
     if params_diff:
         lines += ["| param | base | new |", "|---|---|---|"]
@@ -222,6 +280,8 @@ def build_report(base_rev: str, root: str | Path = ".", fmt: str = "md", toleran
     result = compare(base, new, tolerance, per_volume)
     pb, pn = params_at(base_rev, root), params_at(None, root)
     diff = [(k, str(pb.get(k, "–")), str(pn.get(k, "–"))) for k in sorted(set(pb) | set(pn)) if pb.get(k) != pn.get(k)]
+    result["fidelity"] = fidelity_changes(fidelity_at(base_rev, root) if base is not None else {},
+                                          fidelity_at(None, root))
     result["base"] = base_rev
     result["base_has_metrics"] = base is not None
     result["params_changed"] = [{"param": k, "base": b, "new": n} for k, b, n in diff]
