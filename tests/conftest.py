@@ -10,8 +10,10 @@ under a file lock, the others wait and read it (`make test` runs `-n 2 --dist lo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,22 @@ from mhd_uad.io import save_nifti
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_SPLITS = Path(os.environ.get("MHD_UAD_FIXTURE_SPLITS", REPO.parent / "shared" / "fixtures" / "original-splits"))
 TEST_SETS = {"Brats21": "t2", "MSLUB": "t2", "ATLAS_v2": "t1", "WMH": "t1"}
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module, loaded once per test process: benchmarks/ goes on sys.path (the
+    scripts import one another) and the module into sys.modules (their dataclasses look it up there)."""
+    folder, path = REPO / "benchmarks", REPO / "benchmarks" / f"{name}.py"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # Every fit in the tests runs with these: a few steps, small batches, a validation every epoch, N = 3.
 SHRUNK = ["pretrain.max_steps=3", "train.max_steps=4", "train.warmup_steps=1", "data.slices_per_volume=2",

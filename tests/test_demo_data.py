@@ -354,15 +354,9 @@ def test_skull_stripped_training_scans_keep_a_rim_of_subarachnoid_csf():
 def test_intensity_threshold_stays_within_a_factor_of_two_of_the_paper(tmp_path):
     """The demo's difficulty (issue: the published Thresh row within x2 on every set; the benchmark checks
     seeds 0-3, this regression test seed 0)."""
-    import importlib.util
+    from conftest import load_benchmark
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location(
-        "demo_threshold_baseline", REPO / "benchmarks" / "demo_threshold_baseline.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("demo_threshold_baseline")
     generate_demo_dataset(tmp_path / "data", seed=0, n_healthy=2, n_per_test_set=12, progress=False)
     results = bench.evaluate(tmp_path / "data")["sets"]
     assert set(results) == set(TEST_SETS)

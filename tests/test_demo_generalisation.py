@@ -7,7 +7,6 @@ slow test runs the whole benchmark against the repository's models (`make demo`)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from conftest import load_benchmark
 from mhd_uad.errors import MhdUadError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,16 +24,7 @@ MODELS = REPO / "models"
 COARSE_MM = 3.0  # the held-out base on a 3 mm grid renders a subject in about a second
 
 
-def _load_benchmark():
-    path = REPO / "benchmarks" / "demo_generalisation.py"
-    spec = importlib.util.spec_from_file_location("demo_generalisation", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("demo_generalisation")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,15 @@
 """benchmarks/demo_long_fit.py: the gpu recipe's fits on the CPU. Its hour-long run is a benchmark; the tests
 cover its params, its report and its refusal to start without the demo's models."""
 
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 from mhd_uad.config import compose
 from mhd_uad.models.factory import model_spec
 
 
 def _load():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("demo_long_fit", REPO / "benchmarks" / "demo_long_fit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("demo_long_fit")
 
 
 def test_the_probe_fits_the_gpu_recipe_with_the_cpus_device_settings():

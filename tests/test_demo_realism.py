@@ -4,26 +4,18 @@ on one generated subject."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import load_benchmark
 from mhd_uad.data.demo import realism
 from mhd_uad.errors import MhdUadError
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("demo_realism", REPO / "benchmarks" / "demo_realism.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("demo_realism", module)  # dataclasses look their module up there
-    spec.loader.exec_module(sys.modules["demo_realism"])
-    return sys.modules["demo_realism"]
+    return load_benchmark("demo_realism")
 
 
 def _box(shape, lo, hi) -> np.ndarray:

@@ -1,20 +1,14 @@
 """benchmarks/demo_seed_spread.py: its fits take half an hour (a benchmark); the tests cover its tables."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 def _load():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("demo_seed_spread", REPO / "benchmarks" / "demo_seed_spread.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("demo_seed_spread")
 
 
 def test_the_report_gives_each_figures_spread_over_the_seeds(tmp_path):

@@ -45,10 +45,11 @@ def test_the_benchmark_reports_in_the_readme_are_of_the_committed_models_and_met
     """The README's benchmark figures describe the models and metrics `dvc.lock` records, not older ones: a
     retrained demo has to re-run the benchmarks that read its models or its metrics."""
     import json
-    import sys
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from demo_seed_spread import read_auprc, read_fidelity
+    from conftest import load_benchmark
+
+    spread_script = load_benchmark("demo_seed_spread")
+    read_auprc, read_fidelity = spread_script.read_auprc, spread_script.read_fidelity
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     datasets = list(params["datasets"])
