@@ -232,15 +232,15 @@ def measure(map_lesioned: np.ndarray, map_healthy: np.ndarray, seg: np.ndarray, 
     }
 
 
-def scored_field_of_view(scan: Path, mask: Path, overrides: list[str] | None) -> np.ndarray:
-    """The voxels `mhd-uad score` scores in this scan (mhd_uad.evaluation.score.field_of_view), under the
-    params the CLI reads (params.yaml, or conf/ with the overrides)."""
+def prepare_as_score(scan: Path, mask: Path, seg: Path | None, overrides: list[str] | None):
+    """The scan preprocessed as `mhd-uad score` does, under the params the CLI reads (params.yaml, or conf/
+    with the overrides): the model grid every measure below is taken on; `run_benchmark` prepares each twin
+    once for all of them."""
     from mhd_uad.config import load_params
     from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
-    from mhd_uad.evaluation.score import field_of_view
 
     params = load_params(list(overrides or []), REPO)
-    return field_of_view(preprocess_scan(scan, mask, None, PrepareSettings.from_params(params)))
+    return preprocess_scan(scan, mask, seg, PrepareSettings.from_params(params))
 
 
 def reconstruction_file(maps_dir: Path, contrast: str, twin: str = "healthy") -> Path:
@@ -268,21 +268,15 @@ def _on_model_grid(reconstruction: Path, prepared) -> np.ndarray:
     return to_slices(on_grid.data[0].numpy()).astype(np.float64)
 
 
-def lesion_restored(files: dict, contrast: str, reconstruction: Path, overrides: list[str] | None) -> dict:
+def lesion_restored(lesioned, healthy, reconstruction: Path) -> dict:
     """The lesion's own contrast and how much of it the model takes out of its reconstruction, on the model
     grid, over the lesion's brain voxels: `lesion_contrast` = mean(lesioned scan − healthy twin) ([0, 1] scale;
     > 0: the lesion is brighter than the tissue it replaced), and `lesion_restored` = mean(lesioned scan − its
     mean reconstruction) / lesion_contrast. 1: the reconstruction shows the healthy tissue the lesion replaced,
     so the residual marks the lesion; 0: it reproduces the lesion, which the model then takes for healthy
     anatomy. Below 0 or above 1 it pushes the lesion further from, or past, the healthy tissue; the ratio
-    means little when the contrast is faint (`markdown` leaves it out below MIN_LESION_CONTRAST)."""
-    from mhd_uad.config import load_params
-    from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
-
-    settings = PrepareSettings.from_params(load_params(list(overrides or []), REPO))
-    lesioned = preprocess_scan(files["lesioned"][contrast], files["lesioned"]["mask"], files["lesioned"]["seg"],
-                               settings)
-    healthy = preprocess_scan(files["healthy"][contrast], files["healthy"]["mask"], None, settings)
+    means little when the contrast is faint (`markdown` leaves it out below MIN_LESION_CONTRAST). `lesioned`
+    (with its seg) and `healthy` are the twins in one contrast from `prepare_as_score`."""
     lesion = (lesioned.seg > 0) & (lesioned.mask > 0.5)
     if not lesion.any():
         raise MhdUadError("no lesion voxel on the model grid")
@@ -293,20 +287,16 @@ def lesion_restored(files: dict, contrast: str, reconstruction: Path, overrides:
             "lesion_contrast": contrast}
 
 
-def reconstruction_bias(scan: Path, mask: Path, reconstruction: Path, overrides: list[str] | None) -> dict:
+def reconstruction_bias(prepared, reconstruction: Path) -> dict:
     """Mean reconstruction minus scan over the brain voxels >= 0.9 ("bright") and < 0.3 ("dark"), on the
-    model's grid and [0, 1] scale: the scan preprocessed as `mhd-uad score` does, and the mean reconstruction
-    `score --out-reconstruction` wrote in the scan's space (the folds' means averaged, as `score` averages their
-    maps) sampled back onto the model grid (linear). When the model's spacing is an odd multiple of the scan's
+    model's grid and [0, 1] scale: the scan preprocessed as `mhd-uad score` does (`prepare_as_score`), and the
+    mean reconstruction `score --out-reconstruction` wrote in the scan's space (the folds' means averaged, as
+    `score` averages their maps) sampled back onto the model grid (linear). When the model's spacing is an odd multiple of the scan's
     voxel size (the demo profile's 3 mm over these 1 mm scans) the grid's voxel centres are voxel centres of the
     scan, and this gives back the grid values `score` computed exactly; otherwise (2 mm over 1 mm, the paper
     profile) the way there and back smooths them slightly."""
-    from mhd_uad.config import load_params
-    from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
     from mhd_uad.scoring.fidelity import reconstruction_fidelity
 
-    params = load_params(list(overrides or []), REPO)
-    prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(params))
     fidelity = reconstruction_fidelity(prepared.image, _on_model_grid(reconstruction, prepared), prepared.mask > 0.5)
     return {"bias_bright": fidelity["bias_bright"], "bias_dark": fidelity["bias_dark"]}
 
@@ -352,6 +342,7 @@ def run_benchmark(
     """Render, score, measure and write the reports; returns the results (also in <out_dir>/*.json)."""
     from mhd_uad.data.demo.anatomy import load_base_anatomy
     from mhd_uad.data.demo.bases import HELD_OUT_BASE
+    from mhd_uad.evaluation.score import field_of_view
     from mhd_uad.io import load_nifti
 
     checkpoint_dir = Path(checkpoint_dir).resolve()
@@ -387,7 +378,9 @@ def run_benchmark(
             results["seconds"]["score"] += time.perf_counter() - started
             seg, _ = load_nifti(files["lesioned"]["seg"], what="seg")
             mask, _ = load_nifti(files["lesioned"]["mask"], what="mask")
-            fov = scored_field_of_view(files["lesioned"]["t1"], files["lesioned"]["mask"], overrides)
+            prepared = {twin: {c: prepare_as_score(files[twin][c], files[twin]["mask"], files[twin].get("seg"),
+                                                   overrides) for c in CONTRASTS} for twin in files}
+            fov = field_of_view(prepared["lesioned"]["t1"])  # the voxels `mhd-uad score` scores
             entry = {
                 "dataset": pair.dataset,
                 "index": pair.index,
@@ -397,9 +390,9 @@ def run_benchmark(
             }
             for c in CONTRASTS:
                 m = measure(maps["lesioned"][c], maps["healthy"][c], seg, mask, fov)
-                m.update(reconstruction_bias(files["healthy"][c], files["healthy"]["mask"],
-                                             reconstruction_file(folder / case, c), overrides))
-                m.update(lesion_restored(files, c, reconstruction_file(folder / case, c, "lesioned"), overrides))
+                m.update(reconstruction_bias(prepared["healthy"][c], reconstruction_file(folder / case, c)))
+                m.update(lesion_restored(prepared["lesioned"][c], prepared["healthy"][c],
+                                         reconstruction_file(folder / case, c, "lesioned")))
                 entry["contrasts"][c] = {**{k: round(v, 4) for k, v in m.items()}, "pass": passes(m)}
             results["cases"][case] = entry
     results["seconds"] = {k: round(v, 1) for k, v in results["seconds"].items()}

@@ -35,6 +35,8 @@ from demo_generalisation import restored_percent
 from demo_seed_spread import SCORERS, read_auprc, scratch_copy
 from mhd_uad.config import compose
 from mhd_uad.devices import usable_cpus
+from mhd_uad.evaluation.compare import fidelity_at
+from mhd_uad.evaluation.healthy import fidelity_path
 from mhd_uad.evaluation.report import readme_block_from
 from mhd_uad.io import atomic_write_text
 
@@ -123,7 +125,7 @@ def score_all(repo: Path, params) -> dict[str, float]:
     seconds = {"score-healthy": 0.0, "evaluate": 0.0}
     for modality in params.train.modalities:
         if not (repo / "artifacts" / "healthy" / str(modality) / "fold0").is_dir() or \
-                not fidelity_file(repo, str(modality)).is_file():
+                not fidelity_path(repo, str(modality), 0).is_file():
             seconds["score-healthy"] += _run(_mhd("score-healthy", "--modality", str(modality), "--fold", "0"), repo)
     for dataset in params.datasets:
         if not (repo / "metrics" / f"{dataset}.json").is_file():
@@ -131,17 +133,11 @@ def score_all(repo: Path, params) -> dict[str, float]:
     return {k: round(v, 1) if v else None for k, v in seconds.items()}  # None: nothing left to run
 
 
-def fidelity_file(repo: Path, modality: str) -> Path:
-    return repo / "metrics" / "healthy" / f"{modality}_fold0.json"
-
-
 def in_distribution(root: Path, repo: Path, modalities: list[str]) -> dict:
     """{modality: {"demo": .., "long_fit": ..}}: the score-healthy stage's fidelity of each fold-0 model on its
     healthy IXI val scans (scoring.fidelity); None where the committed demo has not written it."""
-    def read(path: Path):
-        return json.loads(path.read_text())["reconstruction"] if path.is_file() else None
-
-    return {m: {"demo": read(fidelity_file(root, m)), "long_fit": read(fidelity_file(repo, m))} for m in modalities}
+    demo, long_fit = fidelity_at(None, root), fidelity_at(None, repo)
+    return {m: {"demo": demo.get(f"{m}_fold0"), "long_fit": long_fit.get(f"{m}_fold0")} for m in modalities}
 
 
 def held_out(repo: Path, work: Path) -> dict:
@@ -230,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     score_seconds = score_all(repo, params)
     previous = work / "score_seconds.json"
     if previous.is_file():  # a stage an earlier call ran (and this one skipped) keeps its time
-        score_seconds = {k: v or json.loads(previous.read_text()).get(k, v) for k, v in score_seconds.items()}
+        earlier = json.loads(previous.read_text())
+        score_seconds = {k: v or earlier.get(k, v) for k, v in score_seconds.items()}
     atomic_write_text(previous, json.dumps(score_seconds) + "\n")
     from machine import cpu_name
 

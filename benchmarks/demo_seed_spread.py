@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from mhd_uad.config import compose
-from mhd_uad.evaluation.report import readme_block_from
+from mhd_uad.evaluation.compare import fidelity_at
+from mhd_uad.evaluation.report import FIDELITY_FIGURES, readme_block_from
 from mhd_uad.io import atomic_write_text
 
 README_START = ("<!-- demo-seed-spread:start (written by `benchmarks/demo_seed_spread.py --readme README.md`; "
@@ -85,17 +86,11 @@ def run_seed(work: Path, seed: int, params) -> dict[str, dict[str, float]]:
     return read_auprc(work / "metrics", list(params.datasets)), read_fidelity(work / "metrics")
 
 
-FIDELITY = {"brain_l1": ("brain L1", ".4f"), "bias_bright": ("reco − scan, bright", "+.3f"),
-            "bias_dark": ("reco − scan, dark", "+.3f"), "contrast": ("contrast kept", ".3f")}
-
-
 def read_fidelity(metrics_dir: Path) -> dict[str, dict[str, float]]:
-    """{"<M>_fold<K>": the score-healthy stage's pooled fidelity figures} ({} before the stage wrote them)."""
-    out = {}
-    for path in sorted((metrics_dir / "healthy").glob("*_fold*.json")):
-        pooled = json.loads(path.read_text())["reconstruction"]
-        out[path.stem] = {k: pooled[k] for k in FIDELITY if isinstance(pooled.get(k), int | float)}
-    return out
+    """{"<M>_fold<K>": the score-healthy stage's pooled fidelity figures that have a value} ({} before the stage
+    wrote them)."""
+    return {model: {k: pooled[k] for k in FIDELITY_FIGURES if isinstance(pooled.get(k), int | float)}
+            for model, pooled in fidelity_at(None, metrics_dir.parent, metrics_dir.name).items()}
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:
@@ -109,7 +104,7 @@ def summarise_fidelity(runs: dict[str, dict]) -> dict:
     out = {}
     for model in models:
         out[model] = {}
-        for key in FIDELITY:
+        for key in FIDELITY_FIGURES:
             values = np.array([r[model][key] for r in runs.values() if key in r.get(model, {})])
             if len(values):
                 out[model][key] = _stats(values)
@@ -149,7 +144,7 @@ def markdown(report: dict) -> str:
                   "|---|---|" + "---|" * len(seeds) + "---|---|"]
         for model, by_key in fidelity.items():
             for key, s in by_key.items():
-                label, fmt = FIDELITY[key]
+                label, fmt = FIDELITY_FIGURES[key]
                 cells = [format(fruns[k][model][key], fmt) if key in fruns.get(k, {}).get(model, {}) else "–"
                          for k in seeds]
                 lines.append(f"| {model} | {label} | " + " | ".join(cells) + f" | {format(s['mean'], fmt)} ± "

@@ -177,20 +177,18 @@ def test_reconstruction_bias_reads_contrast_shrinkage_on_the_model_grid(coarse_b
     --out-reconstruction` writes it: bright voxels (>= 0.9) come back darker by half their distance from 0.5 (at
     least 0.2), dark ones (< 0.3) brighter by at least 0.1; read back on the model grid, the bias is the one
     measured on the grid itself (the grid's voxel centres are voxel centres of the scan)."""
-    from mhd_uad.config import load_params
     from mhd_uad.data.geometry import to_source_space
-    from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
     from mhd_uad.io import save_nifti
 
     pair = bench.render_pair(coarse_base, "stroke", seed=0)
     files = bench.write_pair(pair, tmp_path)
     scan, mask = files["healthy"]["t1"], files["healthy"]["mask"]
-    prepared = preprocess_scan(scan, mask, None, PrepareSettings.from_params(load_params([], REPO)))
+    prepared = bench.prepare_as_score(scan, mask, None, None)  # as the benchmark prepares it
     shrunk = (0.5 + 0.5 * (prepared.image - 0.5)).astype(np.float32)
     reco = save_nifti(bench.reconstruction_file(tmp_path, "t1"),
                       to_source_space(shrunk, prepared.geometry, prepared.source_brain),
                       prepared.geometry.source_affine, dtype=np.float32)
-    out = bench.reconstruction_bias(scan, mask, reco, None)
+    out = bench.reconstruction_bias(prepared, reco)
     assert -0.25 <= out["bias_bright"] <= -0.2 and 0.1 <= out["bias_dark"] <= 0.25
     image, brain = prepared.image, prepared.mask > 0.5
     diff = shrunk.astype(np.float64) - image
@@ -204,21 +202,18 @@ def test_lesion_restored_is_the_share_of_the_lesions_contrast_the_reconstruction
     """A stand-in reconstruction of the lesioned scan: the scan with `share` of the way to the healthy twin
     taken inside the lesion (1: the healthy tissue; 0: the lesion as it is), written as `score
     --out-reconstruction` writes it; read back on the model grid, the measure gives that share back."""
-    from mhd_uad.config import load_params
     from mhd_uad.data.geometry import to_source_space
-    from mhd_uad.data.preprocess import PrepareSettings, preprocess_scan
     from mhd_uad.io import save_nifti
 
     pair = bench.render_pair(coarse_base, "tumour", seed=0)
     files = bench.write_pair(pair, tmp_path)
-    settings = PrepareSettings.from_params(load_params([], REPO))
-    lesioned = preprocess_scan(files["lesioned"]["t2"], files["lesioned"]["mask"], files["lesioned"]["seg"], settings)
-    healthy = preprocess_scan(files["healthy"]["t2"], files["healthy"]["mask"], None, settings)
+    lesioned = bench.prepare_as_score(files["lesioned"]["t2"], files["lesioned"]["mask"], files["lesioned"]["seg"], None)
+    healthy = bench.prepare_as_score(files["healthy"]["t2"], files["healthy"]["mask"], None, None)
     reco = lesioned.image + share * (healthy.image - lesioned.image) * (lesioned.seg > 0)
     path = save_nifti(bench.reconstruction_file(tmp_path, "t2", "lesioned"),
                       to_source_space(reco.astype(np.float32), lesioned.geometry, lesioned.source_brain),
                       lesioned.geometry.source_affine, dtype=np.float32)
-    out = bench.lesion_restored(files, "t2", path, None)
+    out = bench.lesion_restored(lesioned, healthy, path)
     assert out["lesion_restored"] == pytest.approx(expected, abs=1e-4)
     assert out["lesion_contrast"] > 0.05  # the tumour is brighter than the tissue it replaced on T2
     assert bench.restored_percent(out) == f"{100 * expected:.0f}"

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import REPO, load_benchmark
 from mhd_uad.config import compose
+from mhd_uad.evaluation.healthy import fidelity_path
 from mhd_uad.models.factory import model_spec
 
 
@@ -46,7 +47,7 @@ def test_the_report_sets_the_long_fits_beside_the_demo():
 def test_the_probe_reads_each_models_in_distribution_fidelity(tmp_path):
     probe = _load()
     root, repo = tmp_path / "root", tmp_path / "repo"
-    path = probe.fidelity_file(repo, "t2")
+    path = fidelity_path(repo, "t2", 0)
     path.parent.mkdir(parents=True)
     path.write_text('{"reconstruction": {"brain_l1": 0.05}}')
     assert probe.in_distribution(root, repo, ["t2"]) == {"t2": {"demo": None, "long_fit": {"brain_l1": 0.05}}}

@@ -24,7 +24,7 @@ import yaml
 
 from mhd_uad.config import flatten
 from mhd_uad.errors import MhdUadError
-from mhd_uad.evaluation.report import SCORER_LABELS, format_delta
+from mhd_uad.evaluation.report import FIDELITY_FIGURES, SCORER_LABELS, format_delta
 from mhd_uad.evaluation.significance import paired_comparison
 from mhd_uad.io import json_safe
 
@@ -166,21 +166,19 @@ def versus_mhd_line(blocks: dict) -> str | None:
     return "MHD − baseline, AUPRC [95 % CI], this change: " + " · ".join(parts) if parts else None
 
 
-FIDELITY_KEYS = {"brain_l1": ("brain L1", ".4f"), "bias_bright": ("reco − scan, bright", "+.3f"),
-                 "bias_dark": ("reco − scan, dark", "+.3f"), "contrast": ("contrast kept", ".3f")}
-
-
 def fidelity_at(rev: str | None, root: Path, metrics_dir: str = "metrics") -> dict[str, dict]:
     """{"<M>_fold<K>": the score-healthy stage's pooled reconstruction fidelity} at a git revision (None: the
-    workspace); {} where there are none (a revision from before they existed)."""
+    workspace); {} where there are none (a revision from before they existed); a file that is not one of them
+    is an MhdUadError naming it."""
     out = {}
     for path, text in files_at(rev, root, f"{metrics_dir}/healthy", ".json").items():
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise MhdUadError(f"{path} at {rev or 'the workspace'} is not valid JSON ({exc})") from None
-        if isinstance(data, dict) and isinstance(data.get("reconstruction"), dict):
-            out[Path(path).stem] = data["reconstruction"]
+        if not isinstance(data, dict) or not isinstance(data.get("reconstruction"), dict):
+            raise MhdUadError(f"{path} at {rev or 'the workspace'} has no `reconstruction` object")
+        out[Path(path).stem] = data["reconstruction"]
     return out
 
 
@@ -193,7 +191,7 @@ def fidelity_changes(base: dict[str, dict], new: dict[str, dict]) -> dict[str, d
     out = {}
     for model in sorted(new):
         row = {}
-        for key in FIDELITY_KEYS:
+        for key in FIDELITY_FIGURES:
             b, n = value(base.get(model), key), value(new[model], key)
             row[key] = {"base": b, "new": n, "delta": None if b is None or n is None else n - b}
         out[model] = row
@@ -215,10 +213,10 @@ def fidelity_markdown(changes: dict[str, dict]) -> list[str]:
              "The in-distribution check (`metrics/healthy/`, the score-healthy stages): how faithfully each fold's "
              "mean reconstruction keeps healthy scans it never trained on ([0, 1] scale; reco − scan near 0 and "
              "contrast kept near 1 are better).", "",
-             "| model | " + " | ".join(label for label, _ in FIDELITY_KEYS.values()) + " |",
-             "|---|" + "---:|" * len(FIDELITY_KEYS)]
+             "| model | " + " | ".join(label for label, _ in FIDELITY_FIGURES.values()) + " |",
+             "|---|" + "---:|" * len(FIDELITY_FIGURES)]
     for model, row in changes.items():
-        lines.append(f"| {model} | " + " | ".join(cell(row[k], fmt) for k, (_, fmt) in FIDELITY_KEYS.items()) + " |")
+        lines.append(f"| {model} | " + " | ".join(cell(row[k], fmt) for k, (_, fmt) in FIDELITY_FIGURES.items()) + " |")
     return [*lines, ""]
 
 

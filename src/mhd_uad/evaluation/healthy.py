@@ -194,9 +194,9 @@ def run_score_healthy(params, modality: str, fold: int, root: str | Path = ".") 
     if n_voxels == 0:
         raise InputFileError(f"the healthy val scans of fold {fold} hold no brain voxel", ps.folder)
     thresholds = fpr_thresholds(pooled)
-    payload = {"modality": modality, "fold": int(fold), "n_scans": len(positions), "n_voxels": n_voxels,
-               "scans": [ps.names[p] for p in positions], "fpr": dict(FPR_LEVELS), "thresholds": thresholds}
     names = [ps.names[p] for p in positions]
+    payload = {"modality": modality, "fold": int(fold), "n_scans": len(positions), "n_voxels": n_voxels,
+               "scans": names, "fpr": dict(FPR_LEVELS), "thresholds": thresholds}
     report = fidelity_report(modality, fold, names, fidelity)
     metrics = fidelity_path(root, modality, fold)
     atomic_write_text(metrics, json.dumps(report, indent=2) + "\n")

@@ -59,6 +59,11 @@ def load_metrics(metrics_dir: str | Path, datasets: list[str]) -> dict[str, dict
     return out
 
 
+# The fidelity figures of metrics/healthy/*.json (scoring.fidelity): label and number format, in table order.
+FIDELITY_FIGURES = {"brain_l1": ("brain L1", ".4f"), "bias_bright": ("reco − scan, bright", "+.3f"),
+                    "bias_dark": ("reco − scan, dark", "+.3f"), "contrast": ("contrast kept", ".3f")}
+
+
 def load_fidelity(metrics_dir: str | Path) -> dict[str, list[dict]]:
     """{modality: [each fold's metrics/healthy/<M>_fold<K>.json]} (the score-healthy stages'), folds in order;
     {} without the folder."""
