@@ -189,3 +189,11 @@ def test_the_report_sets_each_models_fidelity_on_healthy_scans_beside_the_base(r
 def test_a_report_without_fidelity_files_has_no_such_section(repo):
     text, result = build_report("HEAD", repo)
     assert result["fidelity"] == {} and "Reconstruction fidelity" not in text
+
+
+def test_a_fidelity_file_without_its_figures_is_named(repo):
+    healthy = repo / "metrics" / "healthy"
+    healthy.mkdir()
+    (healthy / "t2_fold0.json").write_text(json.dumps({"modality": "t2"}))
+    with pytest.raises(MhdUadError, match=r"metrics/healthy/t2_fold0.json at the workspace has no `reconstruction`"):
+        build_report("HEAD", repo)
