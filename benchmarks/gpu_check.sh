@@ -4,7 +4,8 @@
 #      model-only step, the evaluate stage against reconstructions alone;
 #   2. the CUDA-only tests;
 #   3. benchmarks/paper_profile.py (fp32, fp16, bf16 training and evaluation; PAPER_PROFILE_VARIANTS);
-#   4. the paper-profile smoke test in full mode (every UNet pass real);
+#   4. benchmarks/checkpoint_cost.py (the original's best-checkpoint writes against resume.py's, in epochs);
+#   5. the paper-profile smoke test in full mode (every UNet pass real);
 # then benchmarks/gpu_report.py turns the reports into the README's GPU block (the card, the figures and the
 # paper run's hours on one GPU and on eight, computed from the measured rates).
 # Every step runs even if one before it failed; each writes its log under the report folder, and the exit
@@ -47,6 +48,7 @@ step cuda_tests "$PY" -m pytest -q -p no:cacheprovider tests/test_augment.py tes
 # shellcheck disable=SC2086  # the variants are words
 step paper_profile "$PY" benchmarks/paper_profile.py --variants ${PAPER_PROFILE_VARIANTS:-fp32 fp16 bf16} --eval-scans 2 \
   --report "$DIR"
+step checkpoint_cost "$PY" benchmarks/checkpoint_cost.py --report "$DIR"
 step paper_smoke "$PY" -m pytest -q -p no:cacheprovider tests/test_paper_profile.py
 step gpu_report "$PY" benchmarks/gpu_report.py --dir "$DIR"
 exit $status

@@ -78,6 +78,13 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(private_copy):
     ckpt = run_train(params, "t2", 0)
     meta = load_checkpoint(ckpt, CDDPM_FORMAT)["meta"]
     assert meta["global_step"] == 6
+    # the steps after the resume point ran again: their first rows were dropped, so each step has one row
+    curves = private_copy / "plots" / "train" / "t2-fold0"
+    steps = {name: [int(row.split(",")[0]) for row in (curves / f"{name}.csv").read_text().splitlines()[1:]]
+             for name in ("train", "val")}
+    assert steps == {"train": [1, 2, 3, 4, 5, 6], "val": [2, 4, 6]}  # a row per step, a validation per epoch
+    best = min(float(row.split(",")[1]) for row in (curves / "val.csv").read_text().splitlines()[1:])
+    assert meta["best_val_loss"] == pytest.approx(best, rel=1e-5)  # the best before the interruption counts
     db = sqlite3.connect(private_copy / "mlflow.db")
     assert db.execute("select count(*) from runs where name = 'train@t2-fold0'").fetchone()[0] == 1
 

@@ -4,11 +4,12 @@ Only the fits live here; the checkpoint format and loading are models.checkpoint
 models.inference's, so evaluation never imports the training stage.
 
 DVC deletes a stage's outs before running it, so the resume state lives outside them, in
-`artifacts/resume/<stage>/` (Lightning's last and best checkpoints, the loss curves so far, the MLflow run
-id, and a fingerprint of everything the fit depends on). A re-run with the same fingerprint continues
-from `last.ckpt`; a different fingerprint starts over. On success the best checkpoint (lowest val loss,
-as the original) is written as a lean file of tensors and plain metadata that loads with
-`torch.load(weights_only=True)`, and the resume state is removed.
+`artifacts/resume/<stage>/` (the last resume point `last.ckpt`, the loss curves so far, the MLflow run id,
+and a fingerprint of everything the fit depends on). A re-run with the same fingerprint continues from
+`last.ckpt` (written at an epoch end, every 10 minutes: `resume.ResumePoints`), its loss curves cut back to
+that step; a different fingerprint starts over. On success the best weights (lowest val loss, as the
+original; kept in memory, `resume.BestWeights`) are written as a lean file of tensors and plain metadata
+that loads with `torch.load(weights_only=True)`, and the resume state is removed.
 
 Under DDP (`trainer.devices=2 trainer.strategy=ddp`, torchrun, srun) every process runs the stage; only rank 0
 touches the resume state, the MLflow run, the curves and the outputs, so the files are those of a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -43,20 +45,37 @@ from mhd_uad.models.checkpoint import (
     load_encoder_for,
     save_checkpoint,
 )
+from mhd_uad.resume import BestWeights, ResumePoints
 
 log = logging.getLogger(__name__)
 
 # ---- shared fit machinery ------------------------------------------------------------------------------
+
+RESUME_FORMAT = 2  # in the fingerprint: a resume state written before the best weights were in it starts over
+
 
 def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class LossCurves(pl.Callback):
-    """Train loss per logged step and val loss per validation, appended to CSVs for `dvc plots`."""
+    """Train loss per logged step and val loss per validation, appended to CSVs for `dvc plots`; a resumed
+    fit first drops the rows written after its resume point (those steps run again)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
+
+    def on_train_start(self, trainer, module):
+        if not trainer.is_global_zero:
+            return
+        for path in self.folder.glob("*.csv"):
+            with path.open(newline="") as fh:
+                rows = list(csv.reader(fh))
+            kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= trainer.global_step]
+            if len(kept) < len(rows):
+                text = io.StringIO()
+                csv.writer(text).writerows(kept)
+                atomic_write_text(path, text.getvalue())
 
     def _append(self, name: str, step: int, value: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -137,22 +156,22 @@ def _trainer_kwargs(params, max_steps: int, max_epochs: int) -> dict:
         "benchmark": bool(t.benchmark), "log_every_n_steps": int(t.log_every_n_steps),
         "max_steps": int(max_steps), "max_epochs": int(max_epochs) if int(max_epochs) > 0 else -1,
         "check_val_every_n_epoch": int(params.train.val_every_n_epochs),
-        "num_sanity_val_steps": 0, "enable_model_summary": False,
+        "num_sanity_val_steps": 0, "enable_model_summary": False, "enable_checkpointing": False,  # resume.py
         "gradient_clip_val": float(params.train.gradient_clip_val) or None,
     }
 
 
 def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, max_steps: int,
-        max_epochs: int, depends_on: list, callbacks=()) -> tuple[Path, dict] | None:
-    """Fit with resume; returns the best Lightning checkpoint path and a summary of the fit (None on the
-    ranks other than 0 of a distributed fit: rank 0 alone writes)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+        max_epochs: int, depends_on: list, callbacks=()) -> tuple[dict, dict] | None:
+    """Fit with resume; returns the best weights (the module's `exported_prefix` stripped, on the CPU) and a
+    summary of the fit (None on the ranks other than 0 of a distributed fit: rank 0 alone writes)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from mhd_uad.tracking import lightning_logger
 
     main = is_main_process()  # under torchrun all ranks start at once: only rank 0 changes the resume state
     resume = root / "artifacts" / "resume" / stage.replace("@", "_")
-    key = fingerprint(to_plain(params), depends_on)
+    key = fingerprint(to_plain(params), depends_on, RESUME_FORMAT)
     state_file = resume / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     last = resume / "checkpoints" / "last.ckpt"
@@ -166,14 +185,16 @@ def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, 
         log.info("%s: resuming from %s", stage, last)
     logger = False
     if main:
-        resume.mkdir(parents=True, exist_ok=True)
+        last.parent.mkdir(parents=True, exist_ok=True)
         logger = lightning_logger(stage, to_plain(params), run_id=state.get("mlflow_run_id"))
         state["mlflow_run_id"] = logger.run_id
         atomic_write_text(state_file, json.dumps(state))
-    best = ModelCheckpoint(dirpath=resume / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1,
-                           save_last=True, enable_version_counter=False)
+    best = BestWeights("val/loss")
+    # the bar refreshes when the loss is logged: reading the loss for it waits for the device
+    bar = TQDMProgressBar(refresh_rate=max(1, int(params.trainer.log_every_n_steps)))
     trainer = pl.Trainer(logger=logger, default_root_dir=str(resume),
-                         callbacks=[best, LossCurves(resume / "curves"), RankStreams(), *callbacks],
+                         callbacks=[bar, best, LossCurves(resume / "curves"), RankStreams(), *callbacks,
+                                    ResumePoints(last)],
                          **_trainer_kwargs(params, max_steps, max_epochs))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -185,19 +206,18 @@ def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, 
         raise KeyboardInterrupt
     if not trainer.is_global_zero:
         return None
-    best_path = Path(best.best_model_path) if best.best_model_path else last
-    if not best_path.is_file():
-        raise ConfigError(f"{stage}: no checkpoint was written (no validation ran: check max_steps/max_epochs "
+    if best.weights is None:
+        raise ConfigError(f"{stage}: no validation ran, so there is no best checkpoint (check max_steps/max_epochs "
                           "and train.val_every_n_epochs)")
     plots_dir.mkdir(parents=True, exist_ok=True)
     for name in ("train", "val"):
         src = resume / "curves" / f"{name}.csv"
         if src.is_file():
             shutil.copyfile(src, plots_dir / f"{name}.csv")
-    summary = {"best_val_loss": float(best.best_model_score) if best.best_model_score is not None else None,
+    summary = {"best_val_loss": best.score,
                "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
                "mlflow_run_id": logger.run_id}
-    return best_path, summary
+    return best.exported(), summary
 
 
 def finish(stage: str, root: Path, logger_run_id: str, out: Path) -> None:
@@ -213,11 +233,6 @@ def _after_rank_zero_wrote() -> None:
     same processes reads them)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _lightning_state(best_path: Path, prefix: str) -> dict:
-    ckpt = torch.load(best_path, map_location="cpu", weights_only=False)  # our own Lightning file
-    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
 def _checkpoint_facts(summary: dict) -> dict:
@@ -264,8 +279,7 @@ def run_pretrain(params, modality: str, root: str | Path = ".", callbacks=()) ->
                  root=root, plots_dir=root / "plots" / "pretrain" / modality,
                  max_steps=int(p.max_steps), max_epochs=int(p.max_epochs), depends_on=[modality], callbacks=callbacks)
     if fitted is not None:  # rank 0 (or the only process)
-        best, summary = fitted
-        state = _lightning_state(best, "pretrainer.encoder.")
+        state, summary = fitted
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the FC head is not transferred
         save_checkpoint(out, ENCODER_FORMAT, {**meta, **_checkpoint_facts(summary)}, state)
         finish(stage, root, summary["mlflow_run_id"], out)
@@ -300,9 +314,9 @@ def run_train(params, modality: str, fold: int, root: str | Path = ".", callback
                  callbacks=[StepTimes(), *callbacks])
     out = cddpm_path(root, modality, fold)
     if fitted is not None:  # rank 0 (or the only process)
-        best, summary = fitted
+        state, summary = fitted
         meta = {"modality": modality, "fold": fold, "spec": model_spec(params), **_checkpoint_facts(summary)}
-        save_checkpoint(out, CDDPM_FORMAT, meta, _lightning_state(best, module.exported_prefix))
+        save_checkpoint(out, CDDPM_FORMAT, meta, state)
         finish(stage, root, summary["mlflow_run_id"], out)
     _after_rank_zero_wrote()
     return out

@@ -105,6 +105,8 @@ class SparKModule(_SliceModule):
         pretrainer.encoder.fc.requires_grad_(False)  # not among spark's pretraining parameters: no loss reaches it
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
 
+    exported_prefix = "pretrainer.encoder."  # the stage exports the encoder alone
+
     def training_step(self, batch, batch_idx):
         loss, _, _ = self.pretrainer(batch["image"])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["image"].shape[0],
