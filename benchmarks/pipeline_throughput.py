@@ -184,7 +184,11 @@ def _torchio_ms(settings, volume: torch.Tensor, spacing: float, reps: int = 3) -
 # ---- train ---------------------------------------------------------------------------------------------
 
 class StepClock:
-    """Wall-clock time from the end of step `warmup` to the end of the fit, and the steps in it."""
+    """Wall-clock time from the end of step `warmup` to the end of the fit, and the steps in it; and, over
+    the epochs that start in that window, where the time between the steps goes: the wait for an epoch's
+    first training batch (the loader starting over), and the validation (its wait for the first val
+    batch apart). Each of these is timed between device syncs at its ends: the device has nothing queued
+    there anyway (the epoch's last step and the val loss are read before them)."""
 
     def __init__(self, warmup: int):
         import lightning.pytorch as pl
@@ -197,6 +201,23 @@ class StepClock:
                     sync(module.device)
                     clock.start = time.perf_counter()
 
+            def on_train_epoch_start(self, trainer, module):
+                clock._mark("epoch", trainer, module)
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                if batch_idx == 0:
+                    clock._span("train_loader_wait", "epoch", module)
+
+            def on_validation_start(self, trainer, module):
+                clock._mark("val", trainer, module)
+
+            def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+                if batch_idx == 0:
+                    clock._span("val_loader_wait", "val", module, keep=True)
+
+            def on_validation_end(self, trainer, module):
+                clock._span("validation", "val", module)
+
             def on_train_end(self, trainer, module):
                 sync(module.device)
                 clock.stop, clock.steps = time.perf_counter(), trainer.global_step - warmup
@@ -204,18 +225,38 @@ class StepClock:
         self.callback = Callback()
         self.start = self.stop = None
         self.steps = 0
+        self.marks: dict[str, float] = {}
+        self.spans: dict[str, list[float]] = {"train_loader_wait": [], "val_loader_wait": [], "validation": []}
+
+    def _mark(self, name: str, trainer, module) -> None:
+        if self.start is not None and not trainer.sanity_checking:  # in the timed window
+            sync(module.device)
+            self.marks[name] = time.perf_counter()
+
+    def _span(self, what: str, mark: str, module, keep: bool = False) -> None:
+        started = self.marks.get(mark) if keep else self.marks.pop(mark, None)
+        if started is not None:
+            sync(module.device)
+            self.spans[what].append(time.perf_counter() - started)
+
+    def per_epoch_ms(self) -> dict[str, float]:
+        """Median ms of each span (over the epochs that had one)."""
+        return {k: 1e3 * statistics.median(v) for k, v in self.spans.items() if v}
 
 
 def measure_train(params, overrides: list[str], root: Path, modality: str, device: torch.device, warmup: int,
                   steps: int) -> dict:
-    """Slices/s of the train stage over `steps` steps after `warmup`, and of the model-only step."""
+    """Slices/s of the train stage over `steps` steps after `warmup` (at least an epoch, validated at its end
+    as the paper profile validates every epoch), and of the model-only step."""
     from mhd_uad.config import auto_switch
     from mhd_uad.training import run_pretrain, run_train
     from train_throughput import measure
 
     batch = int(params.train.batch_size)
+    steps = max(steps, IXI_TRAIN * int(params.data.slices_per_volume) // batch)
     stage_params = project_params(str(params.profile_name), overrides, root, f"train.modalities=[{modality}]",
-                                  "pretrain.enabled=false", f"train.max_steps={warmup + steps}")
+                                  "pretrain.enabled=false", f"train.max_steps={warmup + steps}",
+                                  "train.val_every_n_epochs=1")
 
     compiled = auto_switch(params.train.get("compile", False), "train.compile")
     compiled = device.type == "cuda" if compiled is None else compiled
@@ -229,8 +270,11 @@ def measure_train(params, overrides: list[str], root: Path, modality: str, devic
     run_train(stage_params, modality, 0, root, callbacks=[clock.callback])
     total = time.perf_counter() - t
     stage = clock.steps * batch / (clock.stop - clock.start)
+    epoch_steps = IXI_TRAIN * int(params.data.slices_per_volume) // batch  # full batches of volumes (drop_last)
     return {"train_slices_per_s": stage, "model_only_slices_per_s": model["slices_per_s"],
             "train_over_model_only": stage / model["slices_per_s"], "train_steps_timed": clock.steps,
+            "train_epoch_ms": {"steps": 1e3 * epoch_steps * batch / model["slices_per_s"], "steps_per_epoch": epoch_steps,
+                               **clock.per_epoch_ms()},
             "train_warmup_steps": warmup, "train_stage_seconds": total, "train_compiled": compiled,
             "train_precision": precision}
 
@@ -317,6 +361,14 @@ def report_markdown(r: dict) -> str:
             cpu, dev = r["eval_scans_per_s_maps_on_cpu"], r["eval_scans_per_s_maps_on_device"]
             lines.append(f"| `evaluate` stage, maps on the device (`evaluate.maps_on=device`) | {dev:.2f} scans/s | "
                          f"maps on the CPU {cpu:.2f} scans/s | {dev / cpu:.2f}× |")
+    if r.get("train_epoch_ms"):
+        e = r["train_epoch_ms"]
+        spans = [("the wait for the epoch's first training batch", "train_loader_wait"),
+                 ("validation", "validation"), ("of which the wait for the first val batch", "val_loader_wait")]
+        lines += ["", f"An epoch of the `train` stage beside its steps (ms, median over the timed epochs; the "
+                  f"{e['steps_per_epoch']} model-only steps of an epoch take {e['steps']:.0f} ms):", "",
+                  "| between the steps | ms per epoch | share of the steps' time |", "|---|---:|---:|"]
+        lines += [f"| {label} | {e[k]:.1f} | {100 * e[k] / e['steps']:.1f} % |" for label, k in spans if k in e]
     if "augment_ms_per_volume" in r:
         lines += ["", "Per volume (ms): loading, and each augmentation alone on the device against torchio's "
                   "transform on one CPU core (the original's path).", "",

@@ -1,4 +1,5 @@
 import os
+import time
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from conftest import run_data_stages
 from mhd_uad.data.datamodule import (
     AugmentSettings,
     IXISliceDataModule,
+    PrestartingLoader,
     SliceDrawer,
     VolumeSliceDataset,
     collate_volumes,
@@ -152,3 +154,45 @@ def test_a_scan_listed_twice_is_drawn_twice(stage_dirs, tmp_path):
     dm = IXISliceDataModule(prepared, tmp_path / "splits", data, "t1", 0, batch_size=4, slices_per_volume=2)
     dm.setup()
     assert len(dm.train_set) == len(frame) + 1 and dm.train_set.positions.count(dm.train_set.positions[0]) == 2
+
+
+class _Stamped(torch.utils.data.Dataset):
+    """Item i: i and the wall-clock time it was loaded (in the worker)."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return torch.tensor([i, time.time()], dtype=torch.float64)
+
+
+def _loader(cls, workers):
+    sampler = torch.utils.data.RandomSampler(range(10), generator=torch.Generator().manual_seed(5))
+    return cls(_Stamped(), batch_size=3, sampler=sampler, drop_last=True, num_workers=workers,
+               persistent_workers=workers > 0, generator=torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_prestarting_loader_loads_the_next_pass_before_it_is_asked_for(workers):
+    plain, early = _loader(torch.utils.data.DataLoader, workers), _loader(PrestartingLoader, workers)
+    orders = {"plain": [], "early": []}
+    asked, first_loaded = [], []
+    for epoch in range(3):
+        for name, loader in (("plain", plain), ("early", early)):
+            if epoch == 2:  # a pass left early: the next one starts afresh, in order
+                orders[name].append([int(i) for i in next(iter(loader))[:, 0]])
+                continue
+            time.sleep(0.2)  # the training step of the epoch's end, validation...
+            asked.append(time.time()) if name == "early" else None
+            batches = list(loader)
+            if name == "early":
+                first_loaded.append(float(batches[0][0, 1]))
+            orders[name].append([int(i) for b in batches for i in b[:, 0]])
+    orders["early"].append([int(i) for b in early for i in b[:, 0]])
+    orders["plain"].append([int(i) for b in plain for i in b[:, 0]])
+    assert orders["early"] == orders["plain"]  # the same batches in the same order
+    if workers:  # the second pass was loaded before it was asked for; the first could not be
+        assert first_loaded[0] > asked[0] and first_loaded[1] < asked[1]
+    else:
+        assert all(loaded > a for loaded, a in zip(first_loaded, asked, strict=True))

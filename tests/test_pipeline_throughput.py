@@ -53,6 +53,12 @@ def test_the_report_shows_each_part_against_its_reference(bench):
     text = bench.report_markdown(r)
     assert "| `train` stage (fp16, compiled, batch 32) | 350.0 slices/s | model-only step 370.0 slices/s | 0.95× |" in text
     assert "1.25 scans/s" in text and "0.93×" in text and "training input" not in text
+    assert "between the steps" not in text  # a report from before the epoch breakdown
+    r["train_epoch_ms"] = {"steps": 1040.0, "steps_per_epoch": 12, "train_loader_wait": 52.0, "validation": 104.0, "val_loader_wait": 26.0}
+    text = bench.report_markdown(r)
+    assert "the 12 model-only steps of an epoch take 1040 ms" in text
+    assert "| the wait for the epoch's first training batch | 52.0 | 5.0 % |" in text
+    assert "| validation | 104.0 | 10.0 % |" in text and "| of which the wait for the first val batch | 26.0 | 2.5 % |" in text
 
 
 @pytest.mark.parametrize("argv", [["--parts", "input,fly"], ["--parts", ","], ["--dataset", "Nowhere"]])

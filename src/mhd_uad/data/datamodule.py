@@ -11,6 +11,9 @@ prepared grid's spacing, so RandomBlur's σ (0-2 mm) is what the original applie
 RandomGhosting keeps the original's `restore` of 0.02. Differs knowingly in where, not what: the original
 augments in its loader workers on the CPU (there, one 50×96×96 volume costs about 50 ms and starves a GPU).
 
+The loaders' persistent workers start the next pass as soon as one ends (`PrestartingLoader`), so the first
+batch of an epoch or a validation is not loaded while the device waits.
+
 The draws come from the training process's torch RNG, so a fit does not depend on the number of loader
 workers (data.num_workers; auto: from the CPUs). Split lists are used as given: a scan listed twice is drawn
 twice per epoch, as in the original. The number of slices drawn per volume is a parameter
@@ -31,7 +34,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from mhd_uad.config import auto_count, require
 from mhd_uad.data.augment import AugmentParams, AugmentSettings, augment_slices, sample_params
@@ -136,8 +139,52 @@ class SliceDrawer:
                 "volume": batch["volume"].to(volumes.device).repeat_interleave(k)}
 
 
+class PrestartingLoader(DataLoader):
+    """A DataLoader whose persistent workers start the next pass the moment one ends, instead of when the
+    next pass is asked for. Lightning asks at the start of each epoch (train) and each validation (val), so
+    without this the first batch of every pass is one worker's whole batch of reads with the device idle;
+    with it the train batches load during the epoch's last step and its validation, the val batches during
+    the training epoch. The same batches in the same order: the next pass's order is drawn from the
+    sampler's own generator, as it would be a moment later. Without persistent workers, a plain DataLoader."""
+
+    _prestarted = False
+
+    def __iter__(self):
+        if self._prestarted:
+            self._prestarted = False
+            return _Pass(self, self._iterator)
+        return _Pass(self, super().__iter__())
+
+    def _prestart(self) -> None:
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            self._iterator._reset(self)  # what DataLoader.__iter__ does for persistent workers (torch's private API)
+            self._prestarted = True
+
+
+class _Pass:
+    """One pass of a `PrestartingLoader`: its iterator, which prestarts the next pass once exhausted."""
+
+    def __init__(self, loader: PrestartingLoader, iterator):
+        self.loader, self.iterator = loader, iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.loader._prestart()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+
 def collate_volumes(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    """Stacked items; in a loader worker straight into shared memory (torch's default_collate does that), so a
+    batch is not copied again on its way to the training process."""
+    return default_collate(items)
 
 
 class IXISliceDataModule(pl.LightningDataModule):
@@ -192,10 +239,10 @@ class IXISliceDataModule(pl.LightningDataModule):
         workers = loader_workers(self.num_workers, cuda)
         seeds = torch.randint(0, 2**62, (2,)).tolist()
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seeds[0])) if train else None
-        return DataLoader(dataset, batch_size=self.batch_size // self.slices_per_volume, sampler=sampler,
-                          drop_last=train, num_workers=workers, collate_fn=collate_volumes,
-                          generator=torch.Generator().manual_seed(seeds[1]), persistent_workers=workers > 0,
-                          pin_memory=cuda, prefetch_factor=4 if workers > 0 and cuda else None)
+        return PrestartingLoader(dataset, batch_size=self.batch_size // self.slices_per_volume, sampler=sampler,
+                                 drop_last=train, num_workers=workers, collate_fn=collate_volumes,
+                                 generator=torch.Generator().manual_seed(seeds[1]), persistent_workers=workers > 0,
+                                 pin_memory=cuda, prefetch_factor=4 if workers > 0 and cuda else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)
