@@ -88,6 +88,9 @@ def report(folder: Path) -> str:
               f"{sum(SCANS_PER_FOLD.values())} scans) | total |", "|---:|---:|---:|---:|"]
     for gpus, h in hours.items():
         lines.append(f"| {gpus} | {h['train']:.1f} h | {h['eval']:.1f} h | {h['total']:.1f} h |")
+    if (folder / "checkpoint_cost.md").is_file():  # benchmarks/checkpoint_cost.py, a step of the check
+        cost = [line for line in (folder / "checkpoint_cost.md").read_text().splitlines() if not line.startswith("# ")]
+        lines += ["", "Keeping the best checkpoint (`benchmarks/checkpoint_cost.py`):", *"\n".join(cost).strip().splitlines()[1:]]
     return "\n".join(lines) + "\n"
 
 

@@ -88,6 +88,11 @@ def test_the_gpu_block_takes_the_train_stage_or_else_the_profiles_fp16_step(gpu_
     (tmp_path / "pipeline_throughput_paper.json").write_text(json.dumps({**r, "train_slices_per_s": 300.0}))
     text = gpu_report.report(tmp_path)
     assert "300 slices/s in the train stage" in text and "NVIDIA H200" in text and "# title" not in text
+    assert "Keeping the best checkpoint" not in text
+    (tmp_path / "checkpoint_cost.md").write_text("# Checkpoint cost (paper profile)\n\nNVIDIA H200, torch 2\n\n| what |\n")
+    text = gpu_report.report(tmp_path)
+    assert "Keeping the best checkpoint (`benchmarks/checkpoint_cost.py`):\n\n| what |" in text
+    assert "Checkpoint cost (paper" not in text
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{gpu_report.README_START}\nSTALE-BLOCK\n{gpu_report.README_END}\nafter\n")
     assert gpu_report.main(["--dir", str(tmp_path), "--readme", str(readme)]) == 0
