@@ -2,6 +2,7 @@
 resume points are written on their clock, whole, with the best weights in them."""
 
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -9,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from mhd_uad.errors import MhdUadError
 from mhd_uad.resume import BestWeights, ResumePoints
 
 # val losses per epoch: a tie with the best, a NaN, a rise, and the lowest value reached twice
@@ -108,3 +110,16 @@ def test_no_resume_point_after_the_last_step(tmp_path, every_s):
     last = tmp_path / "last.ckpt"
     _fit(tmp_path, [BestWeights("val/loss"), ResumePoints(last, every_s=every_s)], epochs=1)
     assert not last.exists()
+
+
+def test_a_resume_point_that_cannot_be_written_is_named_and_leaves_no_file(tmp_path, monkeypatch):
+    def full_disk(self, path, *a, **k):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", full_disk)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    last.parent.mkdir()
+    with pytest.raises(MhdUadError, match="could not write the resume point .No space left on device.") as exc:
+        _fit(tmp_path, [BestWeights("val/loss"), ResumePoints(last, every_s=0.0)], epochs=3)
+    assert str(last) in str(exc.value) and list(last.parent.iterdir()) == []

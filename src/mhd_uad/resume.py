@@ -12,19 +12,22 @@ writes are not in the training's way:
   resumed fit keeps the best of the epochs before the interruption.
 - `ResumePoints`: `last.ckpt` (everything a resumed fit needs) written at the end of an epoch, after its
   validation: the first epoch of a run, then the first epoch that ends `every_s` seconds after the previous
-  write. Written under a temporary name and renamed, so an interruption never leaves half a file.
+  write. Written under a temporary name and renamed (io.atomic_path), so an interruption never leaves half a
+  file.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+from mhd_uad.errors import MhdUadError
+from mhd_uad.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +87,14 @@ class ResumePoints(pl.Callback):
         due = self.written_at is None or started - self.written_at >= self.every_s
         if not trainer.strategy.broadcast(due):
             return
-        tmp = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+        try:
+            if trainer.is_global_zero:
+                with atomic_path(self.path) as tmp:
+                    trainer.save_checkpoint(tmp)
+            else:
+                trainer.save_checkpoint(self.path)  # collective: rank 0 alone writes
+        except OSError as exc:  # a full disk: said in one line, the temporary file removed
+            raise MhdUadError(f"could not write the resume point ({exc.strerror or exc})", self.path) from None
         self.written_at = time.monotonic()
         self.seconds.append(self.written_at - started)
         log.debug("resume point at step %d: %.2f s", trainer.global_step, self.seconds[-1])
