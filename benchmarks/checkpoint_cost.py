@@ -32,9 +32,9 @@ import torch
 from machine import device_name
 from machine import synchronize as sync
 from mhd_uad.io import atomic_write_text
+from pipeline_throughput import steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
-IXI_TRAIN = 385  # training volumes of one published IXI fold (method.md §2.1)
 GPU_REPORT = REPO / "reports" / "gpu" / "paper_profile.json"
 
 
@@ -67,20 +67,19 @@ def measure(profile: str, reps: int, folder: Path, device: torch.device) -> dict
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from mhd_uad.resume import RESUME_EVERY_S as every_s
+    from mhd_uad.resume import exported_weights
 
     params, module, opt = training_state(profile, device)
     io = TorchCheckpointIO()
     full = {"state_dict": module.state_dict(), "optimizer_states": [opt.state_dict()], "global_step": 0}
-    prefix = module.exported_prefix
-    best = {k[len(prefix):]: v.detach().clone() for k, v in module.state_dict().items() if k.startswith(prefix)}
-    resume_point = {**full, "callbacks": {"BestWeights": {"score": 0.0, "step": 0, "weights": best}}}
+    resume_point = {**full, "callbacks": {"BestWeights": {"score": 0.0, "step": 0, "weights": exported_weights(module)}}}
     path = folder / "checkpoint.ckpt"
 
     def write(checkpoint):
         io.save_checkpoint(checkpoint, path)
 
-    def copy_best():
-        copied = {k: v.detach().clone() for k, v in module.state_dict().items() if k.startswith(prefix)}
+    def copy_best():  # what BestWeights does at a new best
+        copied = exported_weights(module)
         sync(device)
         return copied
 
@@ -95,19 +94,19 @@ def measure(profile: str, reps: int, folder: Path, device: torch.device) -> dict
             "full_checkpoint_bytes": full_bytes, "full_checkpoint_s": full_s,
             "original_per_new_best_s": 2 * full_s, "here_per_new_best_s": copy_s,
             "resume_point_bytes": resume_bytes, "resume_point_s": resume_s, "resume_every_s": every_s,
-            "batch_size": int(params.train.batch_size), "precision": str(params.trainer.precision)}
+            "batch_size": int(params.train.batch_size), "steps_per_epoch": steps_per_epoch(params),
+            "precision": str(params.trainer.precision)}
 
 
 def epoch_reference(result: dict, device: torch.device, steps: int) -> dict:
     """Seconds of one epoch of the model-only step: measured here on a GPU, else from the last GPU check."""
-    batch = result["batch_size"]
-    steps_per_epoch = IXI_TRAIN // batch  # drop_last, as the training loader
+    batch, steps = result["batch_size"], result["steps_per_epoch"]
     if device.type == "cuda":
         from train_throughput import measure as model_step
 
         precision = {"16-mixed": "fp16", "bf16-mixed": "bf16"}.get(result["precision"], "fp32")
         step = model_step(result["profile"], precision, batch, steps=steps, warmup=3, device=device)
-        return {"epoch_s": steps_per_epoch * step["step_s"], "steps_per_epoch": steps_per_epoch,
+        return {"epoch_s": steps * step["step_s"],
                 "epoch_source": f"the {precision} model-only step measured in this run", "epoch_device":
                 device_name(device)}
     if not GPU_REPORT.is_file():
@@ -116,7 +115,7 @@ def epoch_reference(result: dict, device: torch.device, steps: int) -> dict:
     row = next((r for r in gpu["rows"] if r["phase"] == "train" and r["variant"] == "fp16"), None)
     if row is None or result["profile"] != "paper":
         return {}
-    return {"epoch_s": steps_per_epoch * row["batch"] / row["throughput"], "steps_per_epoch": steps_per_epoch,
+    return {"epoch_s": steps * row["batch"] / row["throughput"],
             "epoch_source": f"the fp16 model-only step in {GPU_REPORT.relative_to(REPO)}",
             "epoch_device": gpu["device"]}
 

@@ -183,6 +183,11 @@ def _torchio_ms(settings, volume: torch.Tensor, spacing: float, reps: int = 3) -
 
 # ---- train ---------------------------------------------------------------------------------------------
 
+def steps_per_epoch(params) -> int:
+    """Training steps in an epoch of the real IXI fold: full batches of volumes (the loader drops the rest)."""
+    return IXI_TRAIN // (int(params.train.batch_size) // int(params.data.slices_per_volume))
+
+
 class StepClock:
     """Wall-clock time from the end of step `warmup` to the end of the fit, and the steps in it; and, over
     the epochs that start in that window, where the time between the steps goes: the wait for an epoch's
@@ -253,7 +258,8 @@ def measure_train(params, overrides: list[str], root: Path, modality: str, devic
     from train_throughput import measure
 
     batch = int(params.train.batch_size)
-    steps = max(steps, IXI_TRAIN * int(params.data.slices_per_volume) // batch)
+    epoch_steps = steps_per_epoch(params)
+    steps = max(steps, epoch_steps)
     stage_params = project_params(str(params.profile_name), overrides, root, f"train.modalities=[{modality}]",
                                   "pretrain.enabled=false", f"train.max_steps={warmup + steps}",
                                   "train.val_every_n_epochs=1")
@@ -270,7 +276,6 @@ def measure_train(params, overrides: list[str], root: Path, modality: str, devic
     run_train(stage_params, modality, 0, root, callbacks=[clock.callback])
     total = time.perf_counter() - t
     stage = clock.steps * batch / (clock.stop - clock.start)
-    epoch_steps = IXI_TRAIN * int(params.data.slices_per_volume) // batch  # full batches of volumes (drop_last)
     return {"train_slices_per_s": stage, "model_only_slices_per_s": model["slices_per_s"],
             "train_over_model_only": stage / model["slices_per_s"], "train_steps_timed": clock.steps,
             "train_epoch_ms": {"steps": 1e3 * epoch_steps * batch / model["slices_per_s"], "steps_per_epoch": epoch_steps,

@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 RESUME_EVERY_S = 600.0  # an interrupted fit loses at most 10 min and an epoch; a paper-size write costs 1-2 s
 
 
+def exported_weights(module) -> dict[str, torch.Tensor]:
+    """A copy of the weights the stage exports (the module's `exported_prefix`, stripped), where they are."""
+    prefix = module.exported_prefix
+    return {k[len(prefix):]: v.detach().clone() for k, v in module.state_dict().items() if k.startswith(prefix)}
+
+
 class BestWeights(pl.Callback):
     """The exported weights (the module's `exported_prefix`, stripped) at the lowest `monitor` so far."""
 
@@ -53,10 +59,8 @@ class BestWeights(pl.Callback):
         current = math.inf if math.isnan(current) else current
         if self.score is not None and not current < self.score:
             return
-        prefix = module.exported_prefix
         self.score, self.step = current, int(trainer.global_step)
-        self.weights = {k[len(prefix):]: v.detach().clone() for k, v in module.state_dict().items()
-                        if k.startswith(prefix)}
+        self.weights = exported_weights(module)
 
     def exported(self) -> dict[str, torch.Tensor]:
         """The best weights on the CPU (for the lean checkpoint)."""
