@@ -2,7 +2,7 @@
 # The GPU check, one command for anyone with a CUDA GPU (`make gpu-check`, about 8 minutes on an H200):
 #   1. benchmarks/pipeline_throughput.py --profile paper: training input, the train stage against the
 #      model-only step, the evaluate stage against reconstructions alone;
-#   2. the CUDA-only tests;
+#   2. the CUDA-only tests (every test marked `cuda`);
 #   3. benchmarks/paper_profile.py (fp32, fp16, bf16 training and evaluation; PAPER_PROFILE_VARIANTS);
 #   4. benchmarks/checkpoint_cost.py (the original's best-checkpoint writes against resume.py's, in epochs);
 #   5. the paper-profile smoke test in full mode (every UNet pass real);
@@ -43,8 +43,9 @@ step() {
 # fp16+compile variant measures what compiling gains
 step pipeline_throughput "$PY" benchmarks/pipeline_throughput.py --profile paper --parts input,eval,train \
   --report "$DIR" train.compile=false
-step cuda_tests "$PY" -m pytest -q -p no:cacheprovider tests/test_augment.py tests/test_diffusion.py \
-  tests/test_noise.py tests/test_devices.py -k "cuda or device"
+# the files that hold a test marked `cuda` (collecting only these keeps the step short)
+# shellcheck disable=SC2046  # the file names are words
+step cuda_tests "$PY" -m pytest -q -p no:cacheprovider -m cuda $(grep -l "pytest.mark.cuda$" tests/test_*.py)
 # shellcheck disable=SC2086  # the variants are words
 step paper_profile "$PY" benchmarks/paper_profile.py --variants ${PAPER_PROFILE_VARIANTS:-fp32 fp16 bf16} --eval-scans 2 \
   --report "$DIR"

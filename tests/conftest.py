@@ -42,6 +42,18 @@ def load_benchmark(name: str):
     return module
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped where no CUDA device is visible (the GPU check selects them by the
+    marker, so a CUDA test is never left out of it)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if marked:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in marked:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 # Every fit in the tests runs with these: a few steps, small batches, a validation every epoch, N = 3.
 SHRUNK = ["pretrain.max_steps=3", "train.max_steps=4", "train.warmup_steps=1", "data.slices_per_volume=2",
           "pretrain.batch_size=4", "train.batch_size=4", "trainer.log_every_n_steps=1",

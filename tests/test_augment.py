@@ -148,7 +148,7 @@ def test_augment_slices_equals_the_augmented_volumes_slices(grid):
         assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_cuda_equals_cpu():
     shape, spacing = PAPER
     p = _chain_params(6, 10, seed=6)

@@ -271,7 +271,7 @@ def test_non_tensor_input_raises():
 # ---------------------------------------------------------------- on the GPU
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_equals_cpu(realistic):
     cpu = {k: torch.from_numpy(v) for k, v in realistic.items()}
     gpu = {k: v.cuda() for k, v in cpu.items()}

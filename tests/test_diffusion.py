@@ -332,7 +332,7 @@ def test_reconstruct_many_rejects_bad_arguments():
         model.reconstruct_many(x01, 498, [1], cond=torch.zeros(2, COND_DIM))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_reconstruct_many_matches_cpu():
     model, _, _ = _model()
     x01 = _slices()

@@ -249,7 +249,7 @@ def test_speed_sanity():
     assert statistics.median(times) < 0.25, times
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_field_equals_cpu_field():
     cpu = simplex_noise(96, 96, 314)
     gpu = simplex_noise(96, 96, 314, device="cuda")
