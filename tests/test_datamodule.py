@@ -173,8 +173,18 @@ def _loader(cls, workers):
                persistent_workers=workers > 0, generator=torch.Generator().manual_seed(6))
 
 
+def _one_pass(loader, counted: bool) -> list:
+    """A whole pass, as a `for` loop takes it (until StopIteration) or as Lightning does (exactly len(loader)
+    batches: it knows the length and never asks past the last)."""
+    if not counted:
+        return list(loader)
+    it = iter(loader)
+    return [next(it) for _ in range(len(loader))]
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["for-loop", "lightning"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_prestarting_loader_loads_the_next_pass_before_it_is_asked_for(workers):
+def test_a_prestarting_loader_loads_the_next_pass_before_it_is_asked_for(workers, counted):
     plain, early = _loader(torch.utils.data.DataLoader, workers), _loader(PrestartingLoader, workers)
     orders = {"plain": [], "early": []}
     asked, first_loaded = [], []
@@ -185,14 +195,29 @@ def test_a_prestarting_loader_loads_the_next_pass_before_it_is_asked_for(workers
                 continue
             time.sleep(0.2)  # the training step of the epoch's end, validation...
             asked.append(time.time()) if name == "early" else None
-            batches = list(loader)
+            batches = _one_pass(loader, counted)
             if name == "early":
                 first_loaded.append(float(batches[0][0, 1]))
             orders[name].append([int(i) for b in batches for i in b[:, 0]])
-    orders["early"].append([int(i) for b in early for i in b[:, 0]])
-    orders["plain"].append([int(i) for b in plain for i in b[:, 0]])
+    orders["early"].append([int(i) for b in _one_pass(early, counted) for i in b[:, 0]])
+    orders["plain"].append([int(i) for b in _one_pass(plain, counted) for i in b[:, 0]])
     assert orders["early"] == orders["plain"]  # the same batches in the same order
     if workers:  # the second pass was loaded before it was asked for; the first could not be
         assert first_loaded[0] > asked[0] and first_loaded[1] < asked[1]
     else:
         assert all(loaded > a for loaded, a in zip(first_loaded, asked, strict=True))
+
+
+def test_a_finished_pass_hands_out_nothing_of_the_next():
+    """Once a pass has handed out its last batch the next pass is already loading in the same iterator; asking
+    the finished pass for more ends it, and the next pass still starts at its own first batch."""
+    plain, early = _loader(torch.utils.data.DataLoader, 2), _loader(PrestartingLoader, 2)
+    finished = iter(early)
+    first = [next(finished) for _ in range(len(early))]
+    with pytest.raises(StopIteration):
+        next(finished)
+    with pytest.raises(StopIteration):
+        next(finished)
+    expected = [list(plain), list(plain)]
+    got = [first, list(early)]
+    assert [[b[:, 0].tolist() for b in p] for p in got] == [[b[:, 0].tolist() for b in p] for p in expected]

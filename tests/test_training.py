@@ -171,6 +171,32 @@ def test_the_compile_path_fits_and_exports_the_same_checkpoint_layout(private_co
     assert {"train/first_step_s", "train/step_s", "train/compile_s"} <= keys
 
 
+def test_a_fit_loads_each_next_pass_while_the_last_one_is_used(private_copy):
+    """In a Lightning fit (which knows each pass's length and never asks past its last batch) the loaders'
+    workers start every train pass after the first, and every val pass after the first, before Lightning asks."""
+    from mhd_uad.data import datamodule
+
+    params = shrunk_params("train.max_steps=6", "data.num_workers=1")
+    shutil.rmtree(private_copy / "models" / "t1" / "fold0")
+    prestarts, asked = [], []
+    original_prestart, original_iter = datamodule.PrestartingLoader._prestart, datamodule.PrestartingLoader.__iter__
+
+    def prestart(self):
+        prestarts.append(self.sampler is not None and isinstance(self.sampler, torch.utils.data.RandomSampler))
+        return original_prestart(self)
+
+    def ask(self):
+        asked.append(self._prestarted)
+        return original_iter(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datamodule.PrestartingLoader, "_prestart", prestart)
+        mp.setattr(datamodule.PrestartingLoader, "__iter__", ask)
+        run_train(params, "t1", 0)
+    assert len(asked) >= 4 and asked.count(True) == len(asked) - 2, asked  # all but each loader's first pass
+    assert True in prestarts and False in prestarts  # train (random order) and val passes
+
+
 def test_bad_compile_and_memory_format_switches_are_refused(private_copy):
     for override, key in (("train.compile=maybe", "train.compile"), ("train.channels_last=3", "train.channels_last")):
         with pytest.raises(ConfigError, match=key):

@@ -155,27 +155,46 @@ class PrestartingLoader(DataLoader):
             return _Pass(self, self._iterator)
         return _Pass(self, super().__iter__())
 
-    def _prestart(self) -> None:
-        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+    def _prestart(self) -> bool:
+        """Start the next pass in the persistent workers; whether it did (not without them, nor twice)."""
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None and not self._prestarted:
             self._iterator._reset(self)  # what DataLoader.__iter__ does for persistent workers (torch's private API)
             self._prestarted = True
+        return self._prestarted
 
 
 class _Pass:
-    """One pass of a `PrestartingLoader`: its iterator, which prestarts the next pass once exhausted."""
+    """One pass of a `PrestartingLoader`: its iterator, which prestarts the next pass as soon as it has handed
+    out its last batch. Lightning knows a pass's length and never asks past its last batch (the StopIteration
+    that a `for` loop waits for never comes there), so the pass counts its batches; one it cannot count (a
+    loader without a length) prestarts at that StopIteration instead. Once the next pass is under way in the
+    same iterator, this pass hands out nothing more."""
 
     def __init__(self, loader: PrestartingLoader, iterator):
         self.loader, self.iterator = loader, iterator
+        try:
+            self.length: int | None = len(loader)
+        except TypeError:
+            self.length = None
+        self.served, self.ended = 0, False
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        if self.ended:
+            raise StopIteration
         try:
-            return next(self.iterator)
+            batch = next(self.iterator)
         except StopIteration:
+            self.ended = True
             self.loader._prestart()
             raise
+        self.served += 1
+        # the last batch handed out: nothing of this pass is still loading (the workers' sampler is exhausted)
+        if self.served == self.length and self.loader._prestart():
+            self.ended = True
+        return batch
 
     def __len__(self) -> int:
         return len(self.iterator)
