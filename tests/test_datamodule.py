@@ -221,3 +221,24 @@ def test_a_finished_pass_hands_out_nothing_of_the_next():
     expected = [list(plain), list(plain)]
     got = [first, list(early)]
     assert [[b[:, 0].tolist() for b in p] for p in got] == [[b[:, 0].tolist() for b in p] for p in expected]
+
+
+def test_a_batch_taken_ahead_is_handed_out_next_in_its_place():
+    """take_ahead fetches the pass's next batch early and hands out what was made of it at the next request;
+    not past the pass's end, and the batches and their order stay those of a plain loader."""
+    plain, early = _loader(torch.utils.data.DataLoader, 2), _loader(PrestartingLoader, 2)
+    expected = [b[:, 0].tolist() for _ in range(2) for b in plain]
+    got, ahead = [], []
+    for _ in range(2):
+        it = iter(early)
+        assert early.current is it
+        for _ in range(len(early)):
+            batch = next(it)
+            got.append(batch[:, 0].tolist() if isinstance(batch, torch.Tensor) else batch)
+            ahead.append(it.take_ahead(lambda b: ["made", b[:, 0].tolist()]))
+            assert not it.take_ahead(lambda b: None)  # one at a time
+        with pytest.raises(StopIteration):
+            next(it)
+    assert ahead == [True, True, False] * 2  # the last batch of a pass: nothing left to take
+    assert [g[1] if g[0] == "made" else g for g in got] == expected
+    assert [g[0] == "made" for g in got] == [False, True, True] * 2

@@ -89,17 +89,32 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(private_copy):
     assert db.execute("select count(*) from runs where name = 'train@t2-fold0'").fetchone()[0] == 1
 
 
-def test_the_same_seed_and_data_give_bit_identical_checkpoints(tiny_model, private_copy):
+@pytest.mark.parametrize("ahead", [True, False], ids=["batches-made-ahead", "batches-made-at-each-step"])
+def test_the_same_seed_and_data_give_bit_identical_checkpoints(tiny_model, private_copy, ahead):
     """Re-fitting in another folder, process state and temp file names reproduces the shared fits byte for byte
-    (the encoder's fresh FC head drew from an unseeded RNG, and the zip records carried the temp file's name)."""
+    (the encoder's fresh FC head drew from an unseeded RNG, and the zip records carried the temp file's name);
+    and so does fitting without making each next batch ahead during the backward (PrepareAhead): the draws keep
+    their place in the RNG's stream."""
     import hashlib
+
+    from mhd_uad.data.datamodule import IXISliceDataModule
 
     params = shrunk_params()
     shutil.rmtree(private_copy / "models" / "t1")
-    torch.seed()  # a random global RNG state before each fit (each DVC stage is a fresh process)
-    run_pretrain(params, "t1")
-    torch.seed()
-    run_train(params, "t1", 0)
+    made = []
+    original = IXISliceDataModule.prepare_ahead
+
+    def spy(self):
+        made.append(original(self) if ahead else False)
+        return made[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(IXISliceDataModule, "prepare_ahead", spy)
+        torch.seed()  # a random global RNG state before each fit (each DVC stage is a fresh process)
+        run_pretrain(params, "t1")
+        torch.seed()
+        run_train(params, "t1", 0)
+    assert made and any(made) == ahead, made  # a step per call; the epochs' last steps make none
     for path in (encoder_path, lambda root, m: cddpm_path(root, m, 0)):
         mine, shared = path(private_copy, "t1"), path(tiny_model.root, "t1")
         assert hashlib.sha256(mine.read_bytes()).hexdigest() == hashlib.sha256(shared.read_bytes()).hexdigest(), mine

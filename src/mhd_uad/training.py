@@ -167,6 +167,7 @@ def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, 
     summary of the fit (None on the ranks other than 0 of a distributed fit: rank 0 alone writes)."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
+    from mhd_uad.data.datamodule import PrepareAhead
     from mhd_uad.tracking import lightning_logger
 
     main = is_main_process()  # under torchrun all ranks start at once: only rank 0 changes the resume state
@@ -193,7 +194,7 @@ def fit(stage: str, module, datamodule, params, *, root: Path, plots_dir: Path, 
     # the bar refreshes when the loss is logged: reading the loss for it waits for the device
     bar = TQDMProgressBar(refresh_rate=max(1, int(params.trainer.log_every_n_steps)))
     trainer = pl.Trainer(logger=logger, default_root_dir=str(resume),
-                         callbacks=[bar, best, LossCurves(resume / "curves"), RankStreams(), *callbacks,
+                         callbacks=[bar, best, LossCurves(resume / "curves"), RankStreams(), PrepareAhead(), *callbacks,
                                     ResumePoints(last)],
                          **_trainer_kwargs(params, max_steps, max_epochs))
     try:

@@ -139,6 +139,16 @@ class SliceDrawer:
                 "volume": batch["volume"].to(volumes.device).repeat_interleave(k)}
 
 
+class PrepareAhead(pl.Callback):
+    """After each training step's backward, the next batch of the epoch is made ready on the device
+    (`IXISliceDataModule.prepare_ahead`), while the device still works on the step."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        prepare = getattr(trainer.datamodule, "prepare_ahead", None)
+        if prepare is not None:
+            prepare()
+
+
 class PrestartingLoader(DataLoader):
     """A DataLoader whose persistent workers start the next pass the moment one ends, instead of when the
     next pass is asked for. Lightning asks at the start of each epoch (train) and each validation (val), so
@@ -149,11 +159,15 @@ class PrestartingLoader(DataLoader):
 
     _prestarted = False
 
+    current: _Pass | None = None  # the pass under way (the one `IXISliceDataModule.prepare_ahead` takes from)
+
     def __iter__(self):
         if self._prestarted:
             self._prestarted = False
-            return _Pass(self, self._iterator)
-        return _Pass(self, super().__iter__())
+            self.current = _Pass(self, self._iterator)
+        else:
+            self.current = _Pass(self, super().__iter__())
+        return self.current
 
     def _prestart(self) -> bool:
         """Start the next pass in the persistent workers; whether it did (not without them, nor twice)."""
@@ -168,7 +182,8 @@ class _Pass:
     out its last batch. Lightning knows a pass's length and never asks past its last batch (the StopIteration
     that a `for` loop waits for never comes there), so the pass counts its batches; one it cannot count (a
     loader without a length) prestarts at that StopIteration instead. Once the next pass is under way in the
-    same iterator, this pass hands out nothing more."""
+    same iterator, this pass hands out nothing more. `take_ahead` fetches the next batch early and keeps what
+    is made of it to hand out next."""
 
     def __init__(self, loader: PrestartingLoader, iterator):
         self.loader, self.iterator = loader, iterator
@@ -177,11 +192,18 @@ class _Pass:
         except TypeError:
             self.length = None
         self.served, self.ended = 0, False
+        self.ready = None  # the next batch, taken ahead
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        if self.ready is not None:
+            batch, self.ready = self.ready, None
+            return batch
+        return self._fetch()
+
+    def _fetch(self):
         if self.ended:
             raise StopIteration
         try:
@@ -195,6 +217,14 @@ class _Pass:
         if self.served == self.length and self.loader._prestart():
             self.ended = True
         return batch
+
+    def take_ahead(self, make) -> bool:
+        """Fetch the next batch now and hand out make(batch) at the next request; only while the pass has a
+        batch left by its count (never past its end, nor for a pass that cannot be counted)."""
+        if self.ready is not None or self.ended or self.length is None or self.served >= self.length:
+            return False
+        self.ready = make(self._fetch())
+        return True
 
     def __len__(self) -> int:
         return len(self.iterator)
@@ -268,6 +298,30 @@ class IXISliceDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False)
+
+    def prepare_ahead(self) -> bool:
+        """Make the next training batch of the epoch ready on the device now, as Lightning would make it at the
+        next step's start (its input conversion, `on_before_batch_transfer`, the transfer and
+        `on_after_batch_transfer`); `PrepareAhead` calls this after each step's backward. With fp16 AMP the
+        optimizer step waits for the device (the grad scaler reads its inf check), so the host's work between
+        two steps (the draws, the augmentation's planning and launches, the transfer) left the device idle;
+        made during the backward, it is hidden behind the device's work. The draws keep their place in the
+        torch RNG's stream: after the step's own draws (its forward) and before anything the next step draws,
+        the optimizer step drawing nothing. Returns whether a batch was made (not the epoch's last step)."""
+        from lightning.pytorch.trainer import call
+
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        under_way = getattr(loader, "current", None)
+        if under_way is None:
+            return False
+
+        def make(batch):
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            return call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=0)
+
+        return under_way.take_ahead(make)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """The batch's draws, on the CPU while it is still there (kept for `on_after_batch_transfer`, which
